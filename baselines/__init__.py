@@ -1,0 +1,1 @@
+"""Paper baselines: each file is a standalone script (`python baselines/sac.py --help`)."""

@@ -1,0 +1,665 @@
+"""Soft Actor-Critic from scratch: the "SAC" baseline of Lee et al., "Offline-to-Online Reinforcement
+Learning via Balanced Replay and Pessimistic Q-Ensemble" (CoRL 2021), trained online with no offline
+data. SAC: Haarnoja et al., "Soft Actor-Critic Algorithms and Applications" (arXiv 1812.05905):
+tanh-Gaussian actor, twin Q with target networks, automatic entropy tuning (target entropy -|A|).
+
+Run:     python baselines/sac.py --env hopper --online-steps 250000
+Resume:  python baselines/sac.py --env hopper --run-dir runs/<run> --resume
+
+Loop (rlkit's, as the paper's SAC): `--learning-starts` uniform-random env steps, then epochs of
+`--epoch-steps` env steps with the stochastic policy followed by as many gradient updates.
+Time-limit endings are truncations (the target bootstraps); true terminations are not.
+make_dataset.py trains its behaviour agents with this file: `for p in sac.train(args): ...` yields a
+`Progress` after every evaluation.
+
+Checkpoint: <run dir>/checkpoint.pt, written atomically at the end of every `--checkpoint-every` env
+steps (rounded to epochs), when a caller stops `train` early, and at the end:
+{"format": "off2on-sac/1", "args", "obs_dim", "act_dim", "actor", "critic", "critic_target",
+ "log_alpha", "actor_opt", "critic_opt", "alpha_opt", "buffer" (arrays of every transition so far),
+ "env_steps", "updates", "env_state" (MuJoCo state, time-limit counter, env RNG, current obs and
+ episode stats), "rng"}. Loaded with torch.load(weights_only=True).
+"""
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import gymnasium as gym
+import mujoco
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+
+@dataclass
+class Args:
+    seed: int = 0
+    """seed of python, numpy, torch and the environments"""
+    device: str = "auto"
+    """auto (cuda if available), cpu or cuda"""
+    track: bool = False
+    """log to Weights & Biases as well as tensorboard"""
+    wandb_project: str = "off2on"
+    """wandb project name (with --track)"""
+    run_dir: str = ""
+    """run directory; empty = runs/<env>__<dataset>__sac__seed<seed>__<unix time>"""
+    resume: bool = False
+    """continue exactly from <run dir>/checkpoint.pt (needs --run-dir)"""
+    env: str = "hopper"
+    """hopper, halfcheetah or walker2d (Gymnasium MuJoCo v5)"""
+    dataset: str = "none"
+    """unused: SAC learns from scratch (kept so every script has the same CLI)"""
+    online_steps: int = 250_000
+    """environment steps (the paper's online budget is 250k)"""
+    offline_updates: int = 0
+    """unused: SAC has no offline phase (kept so every script has the same CLI)"""
+    eval_every: int = 5_000
+    """evaluate the deterministic policy every this many env steps (rounded to epochs)"""
+    eval_episodes: int = 10
+    """episodes per evaluation"""
+    checkpoint_every: int = 25_000
+    """write checkpoint.pt every this many env steps (rounded to epochs)"""
+    learning_starts: int = 10_000
+    """uniform-random env steps before the first update"""
+    epoch_steps: int = 1_000
+    """env steps per epoch; each epoch is followed by the same number of updates"""
+    buffer_size: int = 1_000_000
+    """replay capacity (transitions)"""
+    batch_size: int = 256
+    """minibatch size"""
+    hidden: int = 256
+    """width of the two hidden layers of actor and critics"""
+    lr: float = 3e-4
+    """Adam learning rate (actor, critics, temperature)"""
+    gamma: float = 0.99
+    """discount"""
+    tau: float = 5e-3
+    """target network Polyak rate"""
+    log_every: int = 1_000
+    """write training scalars every this many updates (the only host syncs of the update loop)"""
+
+
+# =====================================================================================
+# Data: env table, D4RL reference returns, dataset loading.
+# This section is identical in every algorithm script (tests/test_common_sections.py checks it).
+# =====================================================================================
+ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
+# D4RL reference returns (random, expert) used by the normalized score (Fu et al. 2020).
+REF_RETURNS = {
+    "hopper": (-20.272305, 3234.3),
+    "halfcheetah": (-280.178953, 12135.0),
+    "walker2d": (1.629008, 4592.3),
+}
+KINDS = ("random", "medium", "medium-replay", "expert", "medium-expert")
+
+
+class InputError(Exception):
+    """Bad user input; `main` prints it as one `error: ...` line and exits with code 2."""
+
+
+def check_env(env: str) -> str:
+    if env not in ENVS:
+        raise InputError(f"unknown env {env!r}; choose one of: {', '.join(ENVS)}")
+    return ENVS[env]
+
+
+def normalized_score(env: str, ret):
+    """D4RL normalized score: 100 * (R - R_random) / (R_expert - R_random)."""
+    lo, hi = REF_RETURNS[env]
+    return 100.0 * (np.asarray(ret, dtype=np.float64) - lo) / (hi - lo)
+
+
+def local_dataset_id(env: str, kind: str) -> str:
+    return f"off2on/{env}/{kind}-v0"
+
+
+def dataset_slug(dataset: str) -> str:
+    """A file-name-safe name for a dataset argument (kind, Minari id or .hdf5 path)."""
+    if dataset.endswith(".hdf5"):
+        return os.path.splitext(os.path.basename(dataset))[0]
+    return dataset.replace("/", "-")
+
+
+def load_dataset(env: str, dataset: str) -> dict:
+    """Offline transitions as float32 numpy arrays: observations, actions, rewards,
+    next_observations, terminals (1.0 only for true terminations; time-limit ends bootstrap).
+
+    `dataset` is a kind (local Minari dataset off2on/<env>/<kind>-v0 made by make_dataset.py),
+    any Minari id (downloaded where a hub is reachable), or a D4RL-layout .hdf5 file."""
+    check_env(env)
+    if dataset.endswith(".hdf5"):
+        return load_d4rl_hdf5(dataset)
+    import minari
+
+    if dataset in KINDS:
+        ds_id = local_dataset_id(env, dataset)
+        if ds_id not in minari.list_local_datasets():
+            raise InputError(
+                f"no local dataset {ds_id}; make it with: "
+                f"python make_dataset.py --env {env} --kinds {dataset}"
+            )
+    elif "/" in dataset:
+        ds_id = dataset
+    else:
+        raise InputError(
+            f"unknown dataset {dataset!r}; use one of {', '.join(KINDS)}, a Minari id, or a .hdf5 path"
+        )
+    try:
+        ds = minari.load_dataset(ds_id, download=True)
+    except Exception as e:  # no hub, unknown id, corrupt files: one line, not a traceback
+        raise InputError(f"could not load Minari dataset {ds_id}: {str(e).splitlines()[0]}") from e
+    return minari_to_arrays(ds)
+
+
+def minari_to_arrays(ds) -> dict:
+    """Flatten Minari episodes (T+1 observations, T actions) into transition arrays."""
+    parts = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals")}
+    for ep in ds.iterate_episodes():
+        obs = np.asarray(ep.observations, dtype=np.float32)
+        parts["observations"].append(obs[:-1])
+        parts["next_observations"].append(obs[1:])
+        parts["actions"].append(np.asarray(ep.actions, dtype=np.float32))
+        parts["rewards"].append(np.asarray(ep.rewards, dtype=np.float32))
+        parts["terminals"].append(np.asarray(ep.terminations, dtype=np.float32))
+    if not parts["rewards"]:
+        raise InputError("dataset has no episodes")
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def load_d4rl_hdf5(path: str) -> dict:
+    """Original D4RL layout: observations, actions, rewards, terminals, timeouts, optional
+    next_observations. Without next_observations, s' is the next row and rows that end an
+    episode by timeout (whose next row is another episode's start) are dropped, as D4RL's
+    qlearning_dataset does."""
+    import h5py
+
+    if not os.path.exists(path):
+        raise InputError(f"no such file: {path}")
+    try:
+        with h5py.File(path, "r") as f:
+            d = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals")}
+            timeouts = f["timeouts"][()] if "timeouts" in f else np.zeros_like(d["terminals"])
+            nxt = f["next_observations"][()] if "next_observations" in f else None
+    except (OSError, KeyError) as e:
+        raise InputError(f"{path} is not a D4RL-layout hdf5 file ({str(e).splitlines()[0]})") from e
+    n = len(d["rewards"])
+    if nxt is None:
+        keep = np.flatnonzero(~timeouts[: n - 1].astype(bool))
+        nxt = d["observations"][keep + 1]
+    else:
+        keep = np.arange(n)
+    return {
+        "observations": d["observations"][keep].astype(np.float32),
+        "actions": d["actions"][keep].astype(np.float32),
+        "rewards": d["rewards"][keep].astype(np.float32).reshape(-1),
+        "next_observations": nxt.astype(np.float32),
+        "terminals": d["terminals"][keep].astype(np.float32).reshape(-1),
+    }
+
+
+# =====================================================================================
+
+
+class ReplayBuffer:
+    """Preallocated numpy arrays; `sample` draws a whole minibatch with one fancy index per field.
+    Transitions are stored in the order they happened, so episodes can be read back (make_dataset)."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int):
+        self.capacity, self.ptr, self.size = capacity, 0, 0
+        self.data = {
+            "observations": np.zeros((capacity, obs_dim), np.float32),
+            "actions": np.zeros((capacity, act_dim), np.float32),
+            "rewards": np.zeros(capacity, np.float32),
+            "next_observations": np.zeros((capacity, obs_dim), np.float32),
+            "terminations": np.zeros(capacity, np.float32),  # 1 only for true terminations
+            "truncations": np.zeros(capacity, np.float32),  # time-limit ends: not used by the target
+        }
+
+    def add(self, **transition) -> None:
+        for k, v in transition.items():
+            self.data[k][self.ptr] = v
+        self.ptr = (self.ptr + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, n: int, device: torch.device) -> dict:
+        idx = np.random.randint(0, self.size, n)
+        return {k: torch.as_tensor(v[idx], device=device) for k, v in self.data.items()}
+
+    def state_dict(self) -> dict:
+        return {"ptr": self.ptr, "size": self.size,
+                **{k: torch.from_numpy(v[: self.size].copy()) for k, v in self.data.items()}}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.ptr, self.size = s["ptr"], s["size"]
+        for k, v in self.data.items():
+            v[: self.size] = s[k].numpy()
+
+
+# =====================================================================================
+# Networks
+# =====================================================================================
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+
+
+class Actor(nn.Module):
+    """tanh-Gaussian policy: a = tanh(u), u ~ N(mu(s), sigma(s)^2)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.mu = nn.Linear(hidden, act_dim)
+        self.log_std = nn.Linear(hidden, act_dim)
+
+    def forward(self, obs):
+        h = self.net(obs)
+        return self.mu(h), self.log_std(h).clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+    def sample(self, obs):
+        """Reparameterized action and its log-probability (change of variables through tanh)."""
+        mu, log_std = self(obs)
+        u = mu + log_std.exp() * torch.randn_like(mu)
+        # Appendix C of 1812.05905: log pi(a|s) = log N(u; mu, sigma) - sum log(1 - tanh(u)^2),
+        # with log(1 - tanh(u)^2) written stably as 2 (log 2 - u - softplus(-2u))
+        logp = (-0.5 * ((u - mu) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        logp = logp - (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
+        return torch.tanh(u), logp
+
+    def act(self, obs, deterministic: bool = False):
+        return torch.tanh(self(obs)[0]) if deterministic else self.sample(obs)[0]
+
+
+class TwinQ(nn.Module):
+    """Two Q-networks in one module: weights [2, in, out], one batched matmul per layer. Output [2, B]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, n: int = 2):
+        super().__init__()
+        sizes = [obs_dim + act_dim, hidden, hidden, 1]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            bound = 1 / math.sqrt(fan_in)  # nn.Linear's default initialization
+            self.weights.append(nn.Parameter(torch.empty(n, fan_in, fan_out).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(n, 1, fan_out).uniform_(-bound, bound)))
+
+    def forward(self, obs, act):
+        x = torch.cat([obs, act], -1).expand(len(self.weights[0]), -1, -1).contiguous()
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = torch.baddbmm(b, x, w)
+            if i < len(self.weights) - 1:
+                x = torch.relu(x)
+        return x.squeeze(-1)
+
+
+@dataclass
+class Agent:
+    actor: Actor
+    critic: TwinQ
+    critic_target: TwinQ
+    log_alpha: torch.Tensor
+    actor_opt: torch.optim.Optimizer
+    critic_opt: torch.optim.Optimizer
+    alpha_opt: torch.optim.Optimizer
+    target_entropy: float
+
+
+def make_agent(obs_dim: int, act_dim: int, hidden: int, lr: float, device: torch.device) -> Agent:
+    actor = Actor(obs_dim, act_dim, hidden).to(device)
+    critic = TwinQ(obs_dim, act_dim, hidden).to(device)
+    critic_target = TwinQ(obs_dim, act_dim, hidden).to(device)
+    critic_target.load_state_dict(critic.state_dict())
+    critic_target.requires_grad_(False)
+    log_alpha = torch.zeros((), device=device, requires_grad=True)
+    return Agent(actor, critic, critic_target, log_alpha,
+                 torch.optim.Adam(actor.parameters(), lr=lr),
+                 torch.optim.Adam(critic.parameters(), lr=lr),
+                 torch.optim.Adam([log_alpha], lr=lr),
+                 target_entropy=-float(act_dim))
+
+
+# =====================================================================================
+# Losses and the update
+# =====================================================================================
+def update(ag: Agent, b: dict, gamma: float, tau: float) -> dict:
+    """One SAC gradient step on every network; returns detached scalars (no host sync here)."""
+    alpha = ag.log_alpha.exp().detach()
+    # Critic: soft Bellman residual, Eq. (5) of 1812.05905 (without its 1/2, as rlkit), J_Q = E[(Q_i(s,a) - y)^2],
+    # y = r + gamma (1 - terminated) (min_j Q'_j(s', a') - alpha log pi(a'|s')), a' ~ pi(.|s')
+    with torch.no_grad():
+        next_a, next_logp = ag.actor.sample(b["next_observations"])
+        q_next = ag.critic_target(b["next_observations"], next_a).min(0).values - alpha * next_logp
+        y = b["rewards"] + gamma * (1.0 - b["terminations"]) * q_next
+    q = ag.critic(b["observations"], b["actions"])
+    critic_loss = ((q - y) ** 2).mean(1).sum()
+    # Actor: Eq. (7), J_pi = E[alpha log pi(a|s) - min_j Q_j(s, a)], a ~ pi(.|s) reparameterized
+    a, logp = ag.actor.sample(b["observations"])
+    ag.critic.requires_grad_(False)  # the actor loss must not put gradients on the critics
+    q_pi = ag.critic(b["observations"], a).min(0).values
+    ag.critic.requires_grad_(True)
+    actor_loss = (alpha * logp - q_pi).mean()
+    # Temperature: Eq. (18) in log space (as rlkit), J(alpha) = E[-log alpha (log pi(a|s) + target entropy)]
+    alpha_loss = -(ag.log_alpha * (logp.detach() + ag.target_entropy)).mean()
+    # all gradients from the pre-update weights (as rlkit), then all steps
+    opts = (ag.critic_opt, ag.actor_opt, ag.alpha_opt)
+    for opt in opts:
+        opt.zero_grad(set_to_none=True)
+    (critic_loss + actor_loss + alpha_loss).backward()  # the three losses touch disjoint parameters
+    for opt in opts:
+        opt.step()
+    with torch.no_grad():  # Polyak averaging of the target critics
+        for p_t, p in zip(ag.critic_target.parameters(), ag.critic.parameters()):
+            p_t.lerp_(p, tau)
+    return {"losses/critic": critic_loss.detach(), "losses/actor": actor_loss.detach(),
+            "losses/alpha": alpha_loss.detach(), "losses/alpha_value": alpha,
+            "losses/q": q.detach().mean(), "losses/entropy": -logp.detach().mean()}
+
+
+# =====================================================================================
+# Run directory, logging, checkpoints, evaluation.
+# This section is identical in every algorithm script (tests/test_common_sections.py checks it).
+# =====================================================================================
+EVAL_COLUMNS = ("phase", "updates", "env_steps", "policy", "return_mean", "return_std",
+                "normalized_score", "wall_time_s")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda but no CUDA GPU is visible; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise InputError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    # numpy's key array goes in as a tensor: torch.load(weights_only=True) refuses numpy arrays
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    kind, key, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+class Logger:
+    """evals.csv + tensorboard always, wandb with --track. Scalars are buffered tensors until
+    `flush` so the hot loop never syncs with the device."""
+
+    def __init__(self, args, run_dir: str, script: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=2)
+        self.csv_path = os.path.join(run_dir, "evals.csv")
+        if not os.path.exists(self.csv_path):
+            with open(self.csv_path, "w") as f:
+                f.write(",".join(EVAL_COLUMNS) + "\n")
+        self.writer = SummaryWriter(run_dir)
+        self.wandb = None
+        if args.track:
+            import wandb
+
+            self.wandb = wandb.init(project=args.wandb_project, config=dataclasses.asdict(args),
+                                    name=os.path.basename(run_dir), dir=run_dir, resume="allow",
+                                    id=f"{script}-{os.path.basename(run_dir)}".replace("/", "_")[-128:])
+        self.start = time.time()
+
+    def scalars(self, metrics: dict, step: int) -> None:
+        """metrics: name -> float or 0-d tensor (converted here, once per log interval)."""
+        vals = {k: float(v) for k, v in metrics.items()}
+        for k, v in vals.items():
+            self.writer.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(vals, step=step)
+
+    def eval_row(self, phase: str, updates: int, env_steps: int, policy: str,
+                 returns, env: str, step: int) -> float:
+        r = np.asarray(returns, dtype=np.float64)
+        score = float(normalized_score(env, r.mean()))
+        row = (phase, updates, env_steps, policy, f"{r.mean():.3f}", f"{r.std():.3f}",
+               f"{score:.3f}", f"{time.time() - self.start:.1f}")
+        with open(self.csv_path, "a") as f:
+            f.write(",".join(str(x) for x in row) + "\n")
+        self.scalars({f"eval/{policy}/return": r.mean(), f"eval/{policy}/normalized_score": score},
+                     step)
+        return score
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def default_run_dir(args, script: str) -> str:
+    return os.path.join("runs", f"{args.env}__{dataset_slug(args.dataset)}__{script}"
+                                f"__seed{args.seed}__{int(time.time())}")
+
+
+def save_checkpoint(obj: dict, path: str) -> None:
+    """Atomic: write a temp file beside `path`, then rename over it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, make_cmd: str) -> dict:
+    """torch.load(weights_only=True) with one-line errors for missing or corrupt files."""
+    if not os.path.exists(path):
+        raise InputError(f"no checkpoint {path}; make it with: {make_cmd}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InputError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:200]})") from e
+
+
+def evaluate(env_name: str, act_fn, episodes: int, seed: int) -> np.ndarray:
+    """Returns of `episodes` deterministic episodes; act_fn maps an obs batch [n, obs] -> actions."""
+    envs = gym.vector.SyncVectorEnv([lambda: gym.make(ENVS[env_name]) for _ in range(episodes)],
+                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    obs, _ = envs.reset(seed=seed)
+    returns, done = np.zeros(episodes), np.zeros(episodes, dtype=bool)
+    while not done.all():
+        obs, r, term, trunc, _ = envs.step(act_fn(obs))
+        returns += r * ~done
+        done |= term | trunc
+    envs.close()
+    return returns
+
+
+def run_main(main_fn) -> None:
+    """CLI entry: parse Args with tyro, turn InputError into one line on stderr and exit 2."""
+    try:
+        main_fn(tyro.cli(Args))
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# =====================================================================================
+
+
+def policy_fn(actor: Actor, device: torch.device, deterministic: bool = True):
+    """obs batch (numpy) -> action batch (numpy), for `evaluate` and dataset rollouts."""
+
+    @torch.no_grad()
+    def act(obs):
+        return actor.act(torch.as_tensor(obs, dtype=torch.float32, device=device), deterministic).cpu().numpy()
+
+    return act
+
+
+def time_limit(env: gym.Env) -> gym.wrappers.TimeLimit:
+    while not isinstance(env, gym.wrappers.TimeLimit):
+        env = env.env
+    return env
+
+
+def get_env_state(env: gym.Env) -> dict:
+    """Everything that decides the env's future: full MuJoCo integration state (incl. solver warm
+    start, so a resumed run is bit-identical), steps into the episode and the env's RNG."""
+    u, spec = env.unwrapped, mujoco.mjtState.mjSTATE_INTEGRATION
+    mj = np.empty(mujoco.mj_stateSize(u.model, spec))
+    mujoco.mj_getState(u.model, u.data, mj, spec)
+    return {"mujoco": torch.from_numpy(mj), "elapsed_steps": time_limit(env)._elapsed_steps,
+            "np_random": u.np_random.bit_generator.state}
+
+
+def set_env_state(env: gym.Env, s: dict) -> None:
+    u = env.unwrapped
+    mujoco.mj_setState(u.model, u.data, s["mujoco"].numpy(), mujoco.mjtState.mjSTATE_INTEGRATION)
+    mujoco.mj_forward(u.model, u.data)
+    time_limit(env)._elapsed_steps = s["elapsed_steps"]
+    u.np_random.bit_generator.state = s["np_random"]
+
+
+def trim_evals(csv_path: str, env_steps: int) -> None:
+    """On resume, drop evaluation rows written after the checkpoint (they will be redone)."""
+    if os.path.exists(csv_path):
+        lines = open(csv_path).read().splitlines()
+        col = EVAL_COLUMNS.index("env_steps")
+        keep = lines[:1] + [ln for ln in lines[1:] if int(ln.split(",")[col]) <= env_steps]
+        with open(csv_path, "w") as f:
+            f.write("\n".join(keep) + "\n")
+
+
+@dataclass
+class Progress:
+    """What `train` yields after every evaluation."""
+    env_steps: int
+    updates: int
+    eval_returns: np.ndarray
+    agent: Agent
+    buffer: ReplayBuffer
+    run_dir: str
+
+
+def checkpoint_dict(args, ag: Agent, buf: ReplayBuffer, env_steps: int, updates: int, env_state: dict) -> dict:
+    return {"format": "off2on-sac/1", "args": dataclasses.asdict(args),
+            "obs_dim": buf.data["observations"].shape[1], "act_dim": buf.data["actions"].shape[1],
+            "actor": ag.actor.state_dict(), "critic": ag.critic.state_dict(),
+            "critic_target": ag.critic_target.state_dict(), "log_alpha": ag.log_alpha.detach().cpu(),
+            "actor_opt": ag.actor_opt.state_dict(), "critic_opt": ag.critic_opt.state_dict(),
+            "alpha_opt": ag.alpha_opt.state_dict(), "buffer": buf.state_dict(),
+            "env_steps": env_steps, "updates": updates, "env_state": env_state, "rng": rng_state()}
+
+
+def train(args: Args):
+    """Generator: trains SAC online, yields a `Progress` after every evaluation. Stopping it early
+    (break / close) writes a checkpoint first, so `--resume` continues from there."""
+    env_id = check_env(args.env)
+    for name in ("online_steps", "epoch_steps", "eval_every", "eval_episodes", "checkpoint_every", "batch_size"):
+        if getattr(args, name) <= 0:
+            raise InputError(f"--{name.replace('_', '-')} must be positive")
+    if args.resume and not args.run_dir:
+        raise InputError("--resume needs --run-dir <the run directory to continue>")
+    device = pick_device(args.device)
+    run_dir = args.run_dir or default_run_dir(args, "sac")
+    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+    seed_everything(args.seed)
+    env = gym.make(env_id)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    low, high = env.action_space.low, env.action_space.high
+    ag = make_agent(obs_dim, act_dim, args.hidden, args.lr, device)
+    buf = ReplayBuffer(args.buffer_size, obs_dim, act_dim)
+    obs, _ = env.reset(seed=args.seed)
+    env_steps = updates = ep_len = 0
+    ep_ret = 0.0
+    if args.resume:
+        ck = load_checkpoint(ckpt_path, f"python baselines/sac.py --env {args.env} --run-dir {run_dir}")
+        if (ck.get("obs_dim"), ck.get("act_dim"), ck["actor"]["mu.weight"].shape[1]) != (obs_dim, act_dim, args.hidden):
+            raise InputError(f"{ckpt_path} was made for another env or --hidden (obs {ck.get('obs_dim')}, "
+                             f"act {ck.get('act_dim')}); use the same --env and --hidden")
+        for net in ("actor", "critic", "critic_target"):
+            getattr(ag, net).load_state_dict(ck[net])
+        with torch.no_grad():
+            ag.log_alpha.copy_(ck["log_alpha"])
+        for opt in ("actor_opt", "critic_opt", "alpha_opt"):
+            getattr(ag, opt).load_state_dict(ck[opt])
+        buf.load_state_dict(ck["buffer"])
+        env_steps, updates = ck["env_steps"], ck["updates"]
+        set_env_state(env, ck["env_state"])
+        obs, ep_ret, ep_len = ck["env_state"]["obs"].numpy(), ck["env_state"]["ep_return"], ck["env_state"]["ep_length"]
+        set_rng_state(ck["rng"])
+        trim_evals(os.path.join(run_dir, "evals.csv"), env_steps)
+    logger = Logger(args, run_dir, "sac")
+    print(f"run dir: {run_dir}\ncheckpoint: {ckpt_path}" + (f" (resumed at {env_steps} env steps)" if args.resume else ""))
+
+    def save():
+        st = {**get_env_state(env), "obs": torch.from_numpy(np.array(obs)), "ep_return": ep_ret, "ep_length": ep_len}
+        save_checkpoint(checkpoint_dict(args, ag, buf, env_steps, updates, st), ckpt_path)
+
+    pbar = tqdm(total=args.online_steps, initial=env_steps, desc="sac env steps", mininterval=5, disable=None)
+    try:
+        while env_steps < args.online_steps:
+            start = env_steps
+            n = min(args.epoch_steps, args.online_steps - env_steps)
+            for _ in range(n):  # collect one epoch of experience
+                if env_steps < args.learning_starts:
+                    act = np.random.uniform(low, high).astype(np.float32)
+                else:
+                    with torch.no_grad():
+                        act = ag.actor.act(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
+                next_obs, rew, term, trunc, _ = env.step(act)
+                buf.add(observations=obs, actions=act, rewards=rew, next_observations=next_obs,
+                        terminations=term, truncations=trunc)
+                env_steps, ep_ret, ep_len = env_steps + 1, ep_ret + float(rew), ep_len + 1
+                obs = next_obs
+                if term or trunc:
+                    logger.scalars({"charts/episodic_return": ep_ret, "charts/episodic_length": ep_len}, env_steps)
+                    (obs, _), ep_ret, ep_len = env.reset(), 0.0, 0
+            pbar.update(n)
+            if env_steps >= args.learning_starts:  # then as many updates as env steps
+                for _ in range(n):
+                    metrics = update(ag, buf.sample(args.batch_size, device), args.gamma, args.tau)
+                    updates += 1
+                    if updates % args.log_every == 0:
+                        logger.scalars(metrics, env_steps)
+            done = env_steps >= args.online_steps
+            if done or env_steps // args.eval_every > start // args.eval_every:
+                returns = evaluate(args.env, policy_fn(ag.actor, device), args.eval_episodes, args.seed + 10_000)
+                score = logger.eval_row("online", updates, env_steps, "policy", returns, args.env, env_steps)
+                pbar.set_postfix(ret=f"{returns.mean():.0f}", score=f"{score:.1f}")
+                yield Progress(env_steps, updates, returns, ag, buf, run_dir)
+            if done or env_steps // args.checkpoint_every > start // args.checkpoint_every:
+                save()
+    except GeneratorExit:  # the caller stopped early (at a yield, so the state is consistent)
+        save()
+        raise
+    finally:
+        pbar.close()
+        logger.close()
+        env.close()
+    print(f"done: {env_steps} env steps, {updates} updates\nrun dir: {run_dir}\ncheckpoint: {ckpt_path}")
+
+
+def main(args: Args) -> None:
+    for _ in train(args):
+        pass
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,641 @@
+"""SAC-ft: soft actor-critic trained offline on a dataset, then fine-tuned online. The "SAC-ft" baseline
+of Lee et al., "Offline-to-Online Reinforcement Learning via Balanced Replay and Pessimistic Q-Ensemble"
+(CoRL 2021). SAC: Haarnoja et al., "Soft Actor-Critic Algorithms and Applications" (arXiv 1812.05905):
+tanh-Gaussian actor, twin Q with target networks, automatic entropy tuning (target entropy -|A|).
+No conservatism offline: Q at actions the dataset never took is unchecked (the bootstrap error that
+Off2On's pessimistic ensemble avoids).
+
+Offline phase: --offline-updates SAC steps on the dataset (evaluation every --eval-every updates).
+Online phase, the schedule of off2on_finetune.py: epochs of --epoch-steps env steps with the stochastic
+policy, then as many updates (the first epoch x --first-epoch-multiplier), an evaluation after every
+epoch and one before the first (env_steps 0); one buffer of offline + online transitions sampled
+uniformly (off2on_finetune.py's `--replay uniform`).
+
+Run: python baselines/sac_ft.py --env hopper --dataset medium-replay   (resume: --run-dir D --resume)
+Writes <run dir>/checkpoint.pt ("off2on-sac_ft/1", atomic, after every evaluation; torch.load with
+weights_only=True): {"format", "args", "actor", "critic", "critic_target", "log_alpha", "opt" (Adam),
+"online" (online rows [s, a, r, s', terminal]), "updates", "env_steps", "epoch", "started", "eval_rows",
+"env_state" (MuJoCo state, time-limit counter, env RNG, current obs, episode stats), "rng"}.
+"""
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections import namedtuple
+from dataclasses import dataclass
+
+import gymnasium as gym
+import mujoco
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+SCRIPT = "sac_ft"
+
+
+@dataclass
+class Args:
+    seed: int = 0
+    """seed of python, numpy, torch and the environments"""
+    device: str = "auto"
+    """auto (cuda if available), cpu or cuda"""
+    track: bool = False
+    """log to Weights & Biases as well as tensorboard"""
+    wandb_project: str = "off2on"
+    """wandb project name (with --track)"""
+    run_dir: str = ""
+    """run directory; empty = runs/<env>__<dataset>__sac_ft__seed<seed>__<unix time>"""
+    resume: bool = False
+    """continue exactly from <run dir>/checkpoint.pt (needs --run-dir; --online-steps may be raised)"""
+    env: str = "hopper"
+    """hopper, halfcheetah or walker2d (Gymnasium MuJoCo v5)"""
+    dataset: str = "medium-replay"
+    """offline dataset: a kind (local off2on/<env>/<kind>-v0), a Minari id, or a D4RL .hdf5 path"""
+    offline_updates: int = 1_000_000
+    """gradient steps on the dataset before going online (as the paper's offline agents)"""
+    online_steps: int = 250_000
+    """environment steps online (the paper: 250k)"""
+    epoch_steps: int = 1_000
+    """env steps per online epoch; each epoch is followed by as many updates"""
+    first_epoch_multiplier: int = 5
+    """the first online epoch is followed by this many times --epoch-steps updates"""
+    eval_every: int = 10_000
+    """offline: evaluate (and checkpoint) every this many updates; online: after every epoch"""
+    eval_episodes: int = 5
+    """episodes per evaluation (deterministic policy tanh(mean))"""
+    log_every: int = 1_000
+    """offline: write training scalars every this many updates (online: once per epoch)"""
+    batch_size: int = 256
+    """minibatch size"""
+    hidden: int = 256
+    """width of the two hidden layers of actor and critics"""
+    lr: float = 3e-4
+    """Adam learning rate (actor, critics, temperature)"""
+    gamma: float = 0.99
+    """discount"""
+    tau: float = 5e-3
+    """target critic Polyak rate"""
+
+
+# =====================================================================================
+# Data: env table, D4RL reference returns, dataset loading.
+# This section is identical in every algorithm script (tests/test_common_sections.py checks it).
+# =====================================================================================
+ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
+# D4RL reference returns (random, expert) used by the normalized score (Fu et al. 2020).
+REF_RETURNS = {
+    "hopper": (-20.272305, 3234.3),
+    "halfcheetah": (-280.178953, 12135.0),
+    "walker2d": (1.629008, 4592.3),
+}
+KINDS = ("random", "medium", "medium-replay", "expert", "medium-expert")
+
+
+class InputError(Exception):
+    """Bad user input; `main` prints it as one `error: ...` line and exits with code 2."""
+
+
+def check_env(env: str) -> str:
+    if env not in ENVS:
+        raise InputError(f"unknown env {env!r}; choose one of: {', '.join(ENVS)}")
+    return ENVS[env]
+
+
+def normalized_score(env: str, ret):
+    """D4RL normalized score: 100 * (R - R_random) / (R_expert - R_random)."""
+    lo, hi = REF_RETURNS[env]
+    return 100.0 * (np.asarray(ret, dtype=np.float64) - lo) / (hi - lo)
+
+
+def local_dataset_id(env: str, kind: str) -> str:
+    return f"off2on/{env}/{kind}-v0"
+
+
+def dataset_slug(dataset: str) -> str:
+    """A file-name-safe name for a dataset argument (kind, Minari id or .hdf5 path)."""
+    if dataset.endswith(".hdf5"):
+        return os.path.splitext(os.path.basename(dataset))[0]
+    return dataset.replace("/", "-")
+
+
+def load_dataset(env: str, dataset: str) -> dict:
+    """Offline transitions as float32 numpy arrays: observations, actions, rewards,
+    next_observations, terminals (1.0 only for true terminations; time-limit ends bootstrap).
+
+    `dataset` is a kind (local Minari dataset off2on/<env>/<kind>-v0 made by make_dataset.py),
+    any Minari id (downloaded where a hub is reachable), or a D4RL-layout .hdf5 file."""
+    check_env(env)
+    if dataset.endswith(".hdf5"):
+        return load_d4rl_hdf5(dataset)
+    import minari
+
+    if dataset in KINDS:
+        ds_id = local_dataset_id(env, dataset)
+        if ds_id not in minari.list_local_datasets():
+            raise InputError(
+                f"no local dataset {ds_id}; make it with: "
+                f"python make_dataset.py --env {env} --kinds {dataset}"
+            )
+    elif "/" in dataset:
+        ds_id = dataset
+    else:
+        raise InputError(
+            f"unknown dataset {dataset!r}; use one of {', '.join(KINDS)}, a Minari id, or a .hdf5 path"
+        )
+    try:
+        ds = minari.load_dataset(ds_id, download=True)
+    except Exception as e:  # no hub, unknown id, corrupt files: one line, not a traceback
+        raise InputError(f"could not load Minari dataset {ds_id}: {str(e).splitlines()[0]}") from e
+    return minari_to_arrays(ds)
+
+
+def minari_to_arrays(ds) -> dict:
+    """Flatten Minari episodes (T+1 observations, T actions) into transition arrays."""
+    parts = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals")}
+    for ep in ds.iterate_episodes():
+        obs = np.asarray(ep.observations, dtype=np.float32)
+        parts["observations"].append(obs[:-1])
+        parts["next_observations"].append(obs[1:])
+        parts["actions"].append(np.asarray(ep.actions, dtype=np.float32))
+        parts["rewards"].append(np.asarray(ep.rewards, dtype=np.float32))
+        parts["terminals"].append(np.asarray(ep.terminations, dtype=np.float32))
+    if not parts["rewards"]:
+        raise InputError("dataset has no episodes")
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def load_d4rl_hdf5(path: str) -> dict:
+    """Original D4RL layout: observations, actions, rewards, terminals, timeouts, optional
+    next_observations. Without next_observations, s' is the next row and rows that end an
+    episode by timeout (whose next row is another episode's start) are dropped, as D4RL's
+    qlearning_dataset does."""
+    import h5py
+
+    if not os.path.exists(path):
+        raise InputError(f"no such file: {path}")
+    try:
+        with h5py.File(path, "r") as f:
+            d = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals")}
+            timeouts = f["timeouts"][()] if "timeouts" in f else np.zeros_like(d["terminals"])
+            nxt = f["next_observations"][()] if "next_observations" in f else None
+    except (OSError, KeyError) as e:
+        raise InputError(f"{path} is not a D4RL-layout hdf5 file ({str(e).splitlines()[0]})") from e
+    n = len(d["rewards"])
+    if nxt is None:
+        keep = np.flatnonzero(~timeouts[: n - 1].astype(bool))
+        nxt = d["observations"][keep + 1]
+    else:
+        keep = np.arange(n)
+    return {
+        "observations": d["observations"][keep].astype(np.float32),
+        "actions": d["actions"][keep].astype(np.float32),
+        "rewards": d["rewards"][keep].astype(np.float32).reshape(-1),
+        "next_observations": nxt.astype(np.float32),
+        "terminals": d["terminals"][keep].astype(np.float32).reshape(-1),
+    }
+
+
+# =====================================================================================
+
+# =====================================================================================
+# Replay: offline + online transitions in one buffer, sampled uniformly.
+# =====================================================================================
+class Replay:
+    """All transitions as rows [s, a, r, s', terminal] of one preallocated numpy array: M offline rows,
+    then up to `online_capacity` online rows. A batch is one vectorized index draw, uniform over every
+    row filled so far, so each source is sampled in proportion to its size."""
+
+    def __init__(self, data: dict, online_capacity: int):
+        self.obs_dim, self.act_dim = data["observations"].shape[1], data["actions"].shape[1]
+        self.M, self.n_online = len(data["rewards"]), 0
+        width = 2 * self.obs_dim + self.act_dim + 2
+        self.rows = np.zeros((self.M + online_capacity, width), np.float32)
+        self.rows[:self.M] = np.concatenate([data["observations"], data["actions"], data["rewards"][:, None],
+                                             data["next_observations"], data["terminals"][:, None]], 1)
+
+    def add_online(self, rows: np.ndarray) -> None:
+        self.rows[self.M + self.n_online:self.M + self.n_online + len(rows)] = rows
+        self.n_online += len(rows)
+
+    def split(self, rows: torch.Tensor):  # -> s, a, r, s', d (views; r and d are [B])
+        o, a = self.obs_dim, self.act_dim
+        return rows[:, :o], rows[:, o:o + a], rows[:, o + a], rows[:, o + a + 1:-1], rows[:, -1]
+
+    def sample(self, n: int, device: torch.device):
+        idx = np.random.randint(0, self.M + self.n_online, n)
+        return self.split(torch.from_numpy(self.rows[idx]).to(device))
+
+
+# =====================================================================================
+# Networks
+# =====================================================================================
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+
+
+class Actor(nn.Module):
+    """tanh-Gaussian policy: a = tanh(u), u ~ N(mu(s), sigma(s)^2), log sigma clamped to [-20, 2]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.mu = nn.Linear(hidden, act_dim)
+        self.log_std = nn.Linear(hidden, act_dim)
+
+    def forward(self, obs):
+        h = self.net(obs)
+        return self.mu(h), self.log_std(h).clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+    def sample(self, obs):
+        """Reparameterized a = tanh(mu + sigma eps) and log pi(a|s) = log N(u; mu, sigma^2) - sum log(1 - tanh(u)^2)."""
+        mu, log_std = self(obs)
+        eps = torch.randn_like(mu)
+        u = mu + log_std.exp() * eps
+        log_normal = (-0.5 * eps.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        log_det = (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)  # = log(1 - tanh(u)^2), stable form
+        return torch.tanh(u), log_normal - log_det
+
+
+class TwinQ(nn.Module):
+    """Two Q-networks in one module: weights [2, in, out], one batched matmul per layer. Output [2, B]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
+        super().__init__()
+        sizes = [obs_dim + act_dim, hidden, hidden, 1]
+        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            bound = 1 / math.sqrt(fan_in)  # nn.Linear's default initialization, drawn for each of the two
+            self.weights.append(nn.Parameter(torch.empty(2, fan_in, fan_out).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(2, 1, fan_out).uniform_(-bound, bound)))
+
+    def forward(self, obs, act):
+        x = torch.cat([obs, act], -1).expand(2, -1, -1)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = torch.baddbmm(b, x, w)
+            if i < len(self.weights) - 1:
+                x = torch.relu(x)
+        return x.squeeze(-1)
+
+
+# =====================================================================================
+# Losses and the update (one gradient step; the same rule offline and online).
+# =====================================================================================
+Learner = namedtuple("Learner", "actor critic critic_target log_alpha opt")
+
+
+def make_learner(obs_dim: int, act_dim: int, args: Args, device: torch.device) -> Learner:
+    """Fresh SAC: alpha = 1, target critics = critics. Adam is per-parameter, so one Adam over actor,
+    critics and alpha equals one per network."""
+    actor, critic = Actor(obs_dim, act_dim, args.hidden).to(device), TwinQ(obs_dim, act_dim, args.hidden).to(device)
+    log_alpha = torch.zeros((), device=device, requires_grad=True)
+    opt = torch.optim.Adam([*actor.parameters(), *critic.parameters(), log_alpha], lr=args.lr, fused=True)
+    return Learner(actor, critic, copy.deepcopy(critic).requires_grad_(False), log_alpha, opt)
+
+
+def sac_losses(learner: Learner, batch, gamma: float, target_entropy: float):
+    """The three SAC losses on one batch (Haarnoja et al. 2018, arXiv 1812.05905, Sec. 4-5)."""
+    s, a, r, s2, d = batch
+    alpha = learner.log_alpha.exp().detach()
+    with torch.no_grad():  # soft Bellman target y = r + gamma (1-d) V'(s'), soft value V'(s') of a' ~ pi(.|s')
+        a2, logp2 = learner.actor.sample(s2)
+        y = r + (1 - d) * gamma * (learner.critic_target(s2, a2).min(0).values - alpha * logp2)
+    q = learner.critic(s, a)
+    # SAC critic loss (soft Bellman residual): J_Q = E[(Q_j(s,a) - y)^2], summed over the twin critics j = 1, 2
+    critic_loss = (q - y).pow(2).mean(1).sum()
+    # SAC actor loss (reparameterized): J_pi = E[alpha log pi(a|s) - min_j Q_j(s, a)], a = tanh(mu + sigma eps);
+    # critics frozen for this forward, so the actor loss gives them no gradient
+    a_pi, logp_pi = learner.actor.sample(s)
+    learner.critic.requires_grad_(False)
+    q_pi = learner.critic(s, a_pi).min(0).values
+    learner.critic.requires_grad_(True)
+    actor_loss = (alpha * logp_pi - q_pi).mean()
+    # SAC temperature loss: J(alpha) = E[-log alpha (log pi(a|s) + target entropy)]
+    alpha_loss = -(learner.log_alpha * (logp_pi.detach() + target_entropy)).mean()
+    stats = {"losses/critic": critic_loss.detach(), "losses/actor": actor_loss.detach(), "charts/alpha": alpha,
+             "charts/q": q.detach().mean(), "charts/entropy": -logp_pi.detach().mean()}
+    return critic_loss, actor_loss, alpha_loss, stats
+
+
+def train_step(learner: Learner, buf: Replay, args: Args) -> dict:
+    """One SAC gradient step on a uniform batch of offline + online rows (all gradients from the
+    pre-update weights, as rlkit). Returns detached scalars: no host sync here."""
+    batch = buf.sample(args.batch_size, learner.log_alpha.device)
+    critic_loss, actor_loss, alpha_loss, stats = sac_losses(learner, batch, args.gamma, -float(buf.act_dim))
+    learner.opt.zero_grad(set_to_none=True)
+    (critic_loss + actor_loss + alpha_loss).backward()  # each loss reaches only its own parameters
+    learner.opt.step()
+    with torch.no_grad():  # target critics: theta' <- (1 - tau) theta' + tau theta
+        for p, tp in zip(learner.critic.parameters(), learner.critic_target.parameters()):
+            tp.lerp_(p, args.tau)
+    return stats
+
+
+@torch.no_grad()
+def act(learner: Learner, obs: np.ndarray, deterministic: bool) -> np.ndarray:
+    """obs [n, obs] -> actions [n, act]: tanh(mean) to evaluate, a sample of the policy to explore."""
+    o = torch.as_tensor(obs, dtype=torch.float32, device=learner.log_alpha.device)
+    return (torch.tanh(learner.actor(o)[0]) if deterministic else learner.actor.sample(o)[0]).cpu().numpy()
+
+
+# =====================================================================================
+# Run directory, logging, checkpoints, evaluation.
+# This section is identical in every algorithm script (tests/test_common_sections.py checks it).
+# =====================================================================================
+EVAL_COLUMNS = ("phase", "updates", "env_steps", "policy", "return_mean", "return_std",
+                "normalized_score", "wall_time_s")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda but no CUDA GPU is visible; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise InputError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    # numpy's key array goes in as a tensor: torch.load(weights_only=True) refuses numpy arrays
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    kind, key, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+class Logger:
+    """evals.csv + tensorboard always, wandb with --track. Scalars are buffered tensors until
+    `flush` so the hot loop never syncs with the device."""
+
+    def __init__(self, args, run_dir: str, script: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=2)
+        self.csv_path = os.path.join(run_dir, "evals.csv")
+        if not os.path.exists(self.csv_path):
+            with open(self.csv_path, "w") as f:
+                f.write(",".join(EVAL_COLUMNS) + "\n")
+        self.writer = SummaryWriter(run_dir)
+        self.wandb = None
+        if args.track:
+            import wandb
+
+            self.wandb = wandb.init(project=args.wandb_project, config=dataclasses.asdict(args),
+                                    name=os.path.basename(run_dir), dir=run_dir, resume="allow",
+                                    id=f"{script}-{os.path.basename(run_dir)}".replace("/", "_")[-128:])
+        self.start = time.time()
+
+    def scalars(self, metrics: dict, step: int) -> None:
+        """metrics: name -> float or 0-d tensor (converted here, once per log interval)."""
+        vals = {k: float(v) for k, v in metrics.items()}
+        for k, v in vals.items():
+            self.writer.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(vals, step=step)
+
+    def eval_row(self, phase: str, updates: int, env_steps: int, policy: str,
+                 returns, env: str, step: int) -> float:
+        r = np.asarray(returns, dtype=np.float64)
+        score = float(normalized_score(env, r.mean()))
+        row = (phase, updates, env_steps, policy, f"{r.mean():.3f}", f"{r.std():.3f}",
+               f"{score:.3f}", f"{time.time() - self.start:.1f}")
+        with open(self.csv_path, "a") as f:
+            f.write(",".join(str(x) for x in row) + "\n")
+        self.scalars({f"eval/{policy}/return": r.mean(), f"eval/{policy}/normalized_score": score},
+                     step)
+        return score
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def default_run_dir(args, script: str) -> str:
+    return os.path.join("runs", f"{args.env}__{dataset_slug(args.dataset)}__{script}"
+                                f"__seed{args.seed}__{int(time.time())}")
+
+
+def save_checkpoint(obj: dict, path: str) -> None:
+    """Atomic: write a temp file beside `path`, then rename over it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, make_cmd: str) -> dict:
+    """torch.load(weights_only=True) with one-line errors for missing or corrupt files."""
+    if not os.path.exists(path):
+        raise InputError(f"no checkpoint {path}; make it with: {make_cmd}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InputError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:200]})") from e
+
+
+def evaluate(env_name: str, act_fn, episodes: int, seed: int) -> np.ndarray:
+    """Returns of `episodes` deterministic episodes; act_fn maps an obs batch [n, obs] -> actions."""
+    envs = gym.vector.SyncVectorEnv([lambda: gym.make(ENVS[env_name]) for _ in range(episodes)],
+                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    obs, _ = envs.reset(seed=seed)
+    returns, done = np.zeros(episodes), np.zeros(episodes, dtype=bool)
+    while not done.all():
+        obs, r, term, trunc, _ = envs.step(act_fn(obs))
+        returns += r * ~done
+        done |= term | trunc
+    envs.close()
+    return returns
+
+
+def run_main(main_fn) -> None:
+    """CLI entry: parse Args with tyro, turn InputError into one line on stderr and exit 2."""
+    try:
+        main_fn(tyro.cli(Args))
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# =====================================================================================
+
+# =====================================================================================
+# Env state for exact resume, checkpoint helpers, the loop.
+# =====================================================================================
+def get_env_state(env: gym.Env) -> dict:
+    """Full MuJoCo integration state (with solver warm start: a resumed run is bit-identical), steps
+    into the episode (gym.make's outermost wrapper is the TimeLimit) and the env's RNG."""
+    u, spec = env.unwrapped, mujoco.mjtState.mjSTATE_INTEGRATION
+    mj = np.empty(mujoco.mj_stateSize(u.model, spec))
+    mujoco.mj_getState(u.model, u.data, mj, spec)
+    return {"mujoco": torch.from_numpy(mj), "elapsed_steps": env._elapsed_steps,
+            "np_random": u.np_random.bit_generator.state}
+
+
+def set_env_state(env: gym.Env, s: dict) -> None:
+    u = env.unwrapped
+    mujoco.mj_setState(u.model, u.data, s["mujoco"].numpy(), mujoco.mjtState.mjSTATE_INTEGRATION)
+    mujoco.mj_forward(u.model, u.data)
+    env._elapsed_steps, u.np_random.bit_generator.state = s["elapsed_steps"], s["np_random"]
+
+
+def trim_evals(csv_path: str, rows: int) -> None:
+    """On resume, keep the first `rows` evaluations (those the checkpoint had seen); later ones are redone."""
+    if os.path.exists(csv_path):
+        lines = open(csv_path).read().splitlines()
+        with open(csv_path, "w") as f:
+            f.write("\n".join(lines[:1 + rows]) + "\n")
+
+
+def learner_state(learner: Learner) -> dict:
+    return {k: v.state_dict() if hasattr(v, "state_dict") else v.detach().cpu() for k, v in learner._asdict().items()}
+
+
+def load_learner_state(learner: Learner, s: dict) -> None:
+    for k, v in learner._asdict().items():
+        if hasattr(v, "load_state_dict"):
+            v.load_state_dict(s[k])
+        else:
+            with torch.no_grad():
+                v.copy_(s[k])
+
+
+def main(args: Args) -> None:
+    for name in ("online_steps", "epoch_steps", "first_epoch_multiplier", "eval_every", "eval_episodes",
+                 "log_every", "batch_size"):
+        if getattr(args, name) <= 0:
+            raise InputError(f"--{name.replace('_', '-')} must be positive")
+    if args.offline_updates < 0:
+        raise InputError("--offline-updates must be >= 0")
+    if args.resume:  # continue with the run's own arguments; device, tracking and step budget may change
+        if not args.run_dir or not os.path.exists(os.path.join(args.run_dir, "checkpoint.pt")):
+            raise InputError(f"--resume needs --run-dir <a run dir holding checkpoint.pt> (got {args.run_dir!r})")
+        run = load_checkpoint(os.path.join(args.run_dir, "checkpoint.pt"), "")
+        if run.get("format") != f"off2on-{SCRIPT}/1" or args.online_steps < run["env_steps"]:
+            raise InputError(f"{args.run_dir}/checkpoint.pt is not a {SCRIPT} run, or is past --online-steps")
+        keep = {k: getattr(args, k) for k in ("device", "track", "online_steps", "resume", "run_dir")}
+        try:
+            args = dataclasses.replace(Args(**run["args"]), **keep)
+        except TypeError as e:
+            raise InputError(f"{args.run_dir}/checkpoint.pt was written by another version of {SCRIPT}.py ({e})") from e
+    env_id, device = check_env(args.env), pick_device(args.device)
+    run_dir = args.run_dir or default_run_dir(args, SCRIPT)
+    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+    seed_everything(args.seed)
+    env = gym.make(env_id)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    data = load_dataset(args.env, args.dataset)
+    if (data["observations"].shape[1], data["actions"].shape[1]) != (obs_dim, act_dim):
+        raise InputError(f"dataset {args.dataset!r} has obs/action dims {data['observations'].shape[1]}/"
+                         f"{data['actions'].shape[1]} but {env_id} has {obs_dim}/{act_dim}; use a dataset of {env_id}")
+    learner = make_learner(obs_dim, act_dim, args, device)
+    buf = Replay(data, args.online_steps)
+    del data
+    obs, _ = env.reset(seed=args.seed)
+    counters, ep_ret, ep_len = {"updates": 0, "env_steps": 0, "epoch": 0, "started": False, "eval_rows": 0}, 0.0, 0
+    if args.resume:  # everything the run would hold had it not stopped
+        try:
+            load_learner_state(learner, run)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise InputError(f"{ckpt_path} does not fit these networks ({str(e).splitlines()[0][:99]})") from e
+        buf.add_online(run["online"].numpy())
+        counters = {k: run[k] for k in counters}
+        set_env_state(env, run["env_state"])
+        st = run["env_state"]
+        obs, ep_ret, ep_len = st["obs"].numpy(), st["ep_return"], st["ep_length"]
+        set_rng_state(run["rng"])
+        trim_evals(os.path.join(run_dir, "evals.csv"), counters["eval_rows"])
+        del run
+    logger = Logger(args, run_dir, SCRIPT)
+    print(f"run dir: {run_dir}\ncheckpoint: {ckpt_path}\n{buf.M} offline transitions"
+          + (f"\nresumed at {counters['updates']} updates, {counters['env_steps']} env steps" if args.resume else ""))
+
+    def eval_row(phase: str) -> float:  # the evaluation policy act(..., True), D4RL normalized score
+        returns = evaluate(args.env, lambda o: act(learner, o, True), args.eval_episodes, args.seed + 10_000)
+        counters["eval_rows"] += 1
+        return logger.eval_row(phase, counters["updates"], counters["env_steps"], "policy", returns, args.env,
+                               counters["updates"] if phase == "offline" else counters["env_steps"])
+
+    def save():
+        save_checkpoint({"format": f"off2on-{SCRIPT}/1", "args": dataclasses.asdict(args), **learner_state(learner),
+                         "online": torch.from_numpy(buf.rows[buf.M:buf.M + buf.n_online].copy()), **counters,
+                         "rng": rng_state(), "env_state": {**get_env_state(env), "obs": torch.from_numpy(np.array(obs)),
+                                                           "ep_return": ep_ret, "ep_length": ep_len}}, ckpt_path)
+
+    # ---- offline phase: the update rule on the dataset alone (no online rows yet)
+    pbar = tqdm(total=args.offline_updates, initial=min(counters["updates"], args.offline_updates),
+                desc=f"{SCRIPT} offline updates", mininterval=5, disable=None)
+    try:
+        while counters["updates"] < args.offline_updates:
+            stats = train_step(learner, buf, args)
+            counters["updates"] += 1
+            pbar.update()
+            if counters["updates"] % args.log_every == 0:
+                logger.scalars(stats, counters["updates"])
+            if counters["updates"] % args.eval_every == 0 or counters["updates"] == args.offline_updates:
+                pbar.set_postfix(score=f"{eval_row('offline'):.1f}")
+                save()
+        pbar.close()
+        # ---- online phase: epochs of env steps, then as many updates, on offline + online rows
+        if not counters["started"]:  # the offline agent before any online step
+            print(f"start: normalized score {eval_row('online'):.1f}")
+            counters["started"] = True
+            save()
+        pbar = tqdm(total=args.online_steps, initial=counters["env_steps"], desc=f"{SCRIPT} env steps",
+                    mininterval=5, disable=None)
+        while counters["env_steps"] < args.online_steps:
+            start = counters["env_steps"]
+            new_rows = np.empty((min(args.epoch_steps, args.online_steps - start), buf.rows.shape[1]), np.float32)
+            for i in range(len(new_rows)):  # explore by sampling the policy
+                a = act(learner, obs[None], False)[0]
+                next_obs, rew, term, trunc, _ = env.step(a)
+                new_rows[i] = np.concatenate([obs, a, [rew], next_obs, [float(term)]])  # truncation: not terminal
+                obs, ep_ret, ep_len = next_obs, ep_ret + float(rew), ep_len + 1
+                if term or trunc:
+                    logger.scalars({"charts/episodic_return": ep_ret, "charts/episodic_length": ep_len}, start + i + 1)
+                    (obs, _), ep_ret, ep_len = env.reset(), 0.0, 0
+            buf.add_online(new_rows)
+            counters["env_steps"] += len(new_rows)
+            pbar.update(len(new_rows))
+            for _ in range(len(new_rows) * (args.first_epoch_multiplier if counters["epoch"] == 0 else 1)):
+                stats = train_step(learner, buf, args)
+                counters["updates"] += 1
+            logger.scalars(stats, counters["env_steps"])  # last update's scalars: one host sync per epoch
+            counters["epoch"] += 1
+            pbar.set_postfix(score=f"{eval_row('online'):.1f}")
+            save()  # every epoch: a killed run loses at most one epoch
+    finally:
+        pbar.close()
+        logger.close()
+        env.close()
+    print(f"done: {counters['updates']} updates, {counters['env_steps']} env steps\n"
+          f"run dir: {run_dir}\ncheckpoint: {ckpt_path}")
+
+
+if __name__ == "__main__":
+    run_main(main)
