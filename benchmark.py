@@ -263,14 +263,25 @@ def state(job: Job) -> str:
     return "todo"
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the Ray worker running it dies (Ctrl-C, ray stop), so no
-    orphaned run keeps going; it resumes from its checkpoint next time (Linux only)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def _child_setup(nice: Optional[int]) -> Callable:
+    """Runs in the child before exec: get SIGTERM when the Ray worker running it dies (Ctrl-C,
+    ray stop), so no orphaned run keeps going (Linux only); and undo the niceness Ray gives its
+    workers (15), so a run gets the CPU share of the command that started the sweep."""
+
+    def setup():
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if nice is not None:
+            try:
+                os.setpriority(os.PRIO_PROCESS, 0, nice)
+            except OSError:  # lowering niceness needs privileges; keep Ray's
+                pass
+
+    return setup
 
 
-def run_job(job: Job, *dep_results, lock: str = "", cwd: str = ROOT, threads: int = 1) -> dict:
+def run_job(job: Job, *dep_results, lock: str = "", cwd: str = ROOT, threads: int = 1,
+            nice: Optional[int] = None) -> dict:
     """Run one job unless finished (checked here, on the node that runs it) or a dependency failed.
     Appends the subprocess's output to job.log; writes run_dir/DONE after exit code 0."""
     t0 = time.time()
@@ -293,7 +304,7 @@ def run_job(job: Job, *dep_results, lock: str = "", cwd: str = ROOT, threads: in
         f.flush()
         t_run = time.time()
         rc = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env,
-                            preexec_fn=_die_with_parent).returncode
+                            preexec_fn=_child_setup(nice)).returncode
         f.write(f"### exit code {rc} after {time.time() - t_run:.0f} s\n")
     if rc == 0 and job.run_dir:
         os.makedirs(job.run_dir, exist_ok=True)
@@ -313,19 +324,28 @@ def execute_ray(jobs: list, args: Args, run: Callable = run_job) -> list:
 
     if __name__ != "__main__":  # ship this module's code by value: workers need not import it
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    if args.ray_address:
-        ray.init(address=args.ray_address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=args.workers or os.cpu_count(), include_dashboard=False,
-                 log_to_driver=False)
+    for attempt in range(3):  # a local Ray can time out starting on a loaded machine: retry
+        try:
+            if args.ray_address:
+                ray.init(address=args.ray_address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=args.workers or os.cpu_count(), include_dashboard=False,
+                         log_to_driver=False)
+            break
+        except Exception as e:  # noqa: BLE001 (Ray raises plain Exception here)
+            ray.shutdown()
+            if attempt == 2:
+                raise
+            print(f"ray.init failed ({str(e).splitlines()[0][:120]}); retrying", flush=True)
     try:
         task = ray.remote(run).options(num_cpus=args.cpus_per_run, num_gpus=args.gpus_per_run,
                                        max_retries=0)
         threads = max(1, math.ceil(args.cpus_per_run))
+        nice = os.getpriority(os.PRIO_PROCESS, 0) if not args.ray_address else None
         refs = {}
         for job in jobs:
             refs[job.name] = task.remote(job, *[refs[d] for d in job.deps], lock=args.lock,
-                                         cwd=ROOT, threads=threads)
+                                         cwd=ROOT, threads=threads, nice=nice)
         pending, results = list(refs.values()), []
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)

@@ -257,7 +257,7 @@ def main(args: Args) -> str:
         finals = finals[finals.finished == 1]
     mats, tasks, more = score_matrices(finals, methods)
     table = markdown(finals, aggregate(mats, args.reps, args.seed), mats, tasks,
-                     [m for m in methods if m in mats], notes + more)
+                     [m for m in methods if m in set(finals.method)], notes + more)
     with open(args.out + ".md", "w") as f:
         f.write(table)
     print(table + f"\nwrote {args.out}.png and {args.out}.md")

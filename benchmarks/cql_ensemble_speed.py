@@ -45,6 +45,13 @@ class Bench:
     """time --updates updates this many times and keep the best (other load on the machine only slows)"""
     compile: bool = False
     """also time the vectorized update with --compile (torch.compile of the losses)"""
+    threads: int = 0
+    """torch intra-op threads (0 = torch's default)"""
+    cpu_time: bool = False
+    """time with the process's CPU time instead of wall time (CPU, --threads 1 only): robust to other
+    load on a shared machine, since waiting for a core is not counted"""
+    keep_freed_memory: bool = True
+    """on CPU, keep freed memory in the heap as off2on_cql_ensemble.py does (--no-keep-freed-memory: glibc's default)"""
     peak_size: int = 4096
     """matrix size of the fp32 matmul peak measurement (8192 on a GPU is better)"""
 
@@ -65,15 +72,15 @@ def update_flops(n: int, b: int, k: int, obs: int, act: int, h: int, bc: bool = 
     return 2 * (actor + target + big + frozen)
 
 
-def matmul_peak(device: torch.device, size: int, reps: int = 5) -> float:
+def matmul_peak(device: torch.device, size: int, reps: int = 5, clock=time.perf_counter) -> float:
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     best = float("inf")
     for _ in range(reps + 1):
         sync(device)
-        t = time.perf_counter()
+        t = clock()
         torch.mm(a, b)
         sync(device)
-        best = min(best, time.perf_counter() - t)
+        best = min(best, clock() - t)
     return 2 * size**3 / best / 1e9
 
 
@@ -82,36 +89,44 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(step_fn, device, warmup: int, updates: int, repeats: int) -> float:
+def timed(step_fn, device, warmup: int, updates: int, repeats: int, clock=time.perf_counter) -> float:
     """Best updates/s over `repeats` windows of `updates` updates."""
     for _ in range(warmup):
         step_fn()
     best = 0.0
     for _ in range(repeats):
         sync(device)
-        t = time.perf_counter()
+        t = clock()
         for _ in range(updates):
             step_fn()
         sync(device)
-        best = max(best, updates / (time.perf_counter() - t))
+        best = max(best, updates / (clock() - t))
     return best
 
 
 def main(bench: Bench) -> None:
     device = cq.pick_device(bench.device)
+    if bench.threads > 0:
+        torch.set_num_threads(bench.threads)
+    if bench.cpu_time and (device.type != "cpu" or torch.get_num_threads() != 1):
+        raise SystemExit("error: --cpu-time needs --device cpu --threads 1")
+    clock = time.process_time if bench.cpu_time else time.perf_counter
     torch.manual_seed(0)
     m, n, b = 100_000, bench.members, bench.batch_size
     data = {"observations": torch.randn(m, bench.obs_dim), "next_observations": torch.randn(m, bench.obs_dim),
             "actions": torch.rand(m, bench.act_dim) * 2 - 1, "rewards": torch.randn(m), "terminals": torch.zeros(m)}
-    data = cq.to_device(data, device)
+    data = {k: v.to(device) for k, v in data.items()}
+    if device.type == "cpu" and bench.keep_freed_memory:
+        cq.keep_freed_memory()
     args = cq.Args(members=n, hidden=bench.hidden, batch_size=b, cql_samples=bench.cql_samples, bc_steps=0)
     make = lambda size: cq.Agent(bench.obs_dim, bench.act_dim, size, bench.hidden, args, device)
     vec, loop = make(n), [make(1) for _ in range(n)]
 
     flops = update_flops(n, b, bench.cql_samples, bench.obs_dim, bench.act_dim, bench.hidden)
-    peak = matmul_peak(device, bench.peak_size)
+    peak = matmul_peak(device, bench.peak_size, clock=clock)
     name = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
-    print(f"device: {name}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"device: {name}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{'CPU' if bench.cpu_time else 'wall'} time")
     print(f"size: N={n}, hidden {bench.hidden}x2, batch {b}, K={bench.cql_samples}, obs {bench.obs_dim}, "
           f"act {bench.act_dim}; {flops / 1e9:.2f} GFLOP (matmul) per update; fp32 mm peak {peak:.0f} GFLOP/s")
     print("| implementation | updates/s | GFLOP/s | % of mm peak | 1M updates |")
@@ -119,7 +134,7 @@ def main(bench: Bench) -> None:
     rows = {}
 
     def report(label: str, step_fn) -> None:
-        rows[label] = ups = timed(step_fn, device, bench.warmup, bench.updates, bench.repeats)
+        rows[label] = ups = timed(step_fn, device, bench.warmup, bench.updates, bench.repeats, clock)
         gf = ups * flops / 1e9
         print(f"| {label} | {ups:.2f} | {gf:.0f} | {100 * gf / peak:.0f}% | {1e6 / ups / 3600:.1f} h |", flush=True)
 

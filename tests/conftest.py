@@ -5,6 +5,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
+
+# The test networks are tiny: one thread is faster than two, and on a busy 2-core machine two OpenMP
+# threads that wait on each other make a small update tens of times slower.
+torch.set_num_threads(1)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")

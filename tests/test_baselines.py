@@ -17,14 +17,6 @@ TINY_NETS = {"sac_ft": {"hidden": 32}, "awac": {"hidden": 32, "actor_layers": 2}
              "bcq_ft": {"vae_hidden": 32, "num_samples": 4}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks run fastest on one thread (and the test box is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ---------------------------------------------------------------------------- AWAC's weights
 def test_awac_weights_known_answer():

@@ -16,14 +16,6 @@ import off2on_cql_ensemble as cq
 from conftest import OFFICIAL, ROOT
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to OpenMP spinning on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_args(tmp_path, name="run", **kw):
     base = dict(env="hopper", dataset="medium-replay", device="cpu", members=2, hidden=16, batch_size=8,

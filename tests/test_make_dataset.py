@@ -22,7 +22,7 @@ def own_minari(tmp_path, monkeypatch):
 
 
 def tiny_args(tmp_path, **kw):
-    base = dict(env="hopper", n_steps=300, sac_steps=600, medium_fraction=0.01, work_dir=str(tmp_path / "work"),
+    base = dict(env="hopper", n_steps=300, sac_steps=600, medium_fraction=-1.0, work_dir=str(tmp_path / "work"),
                 n_envs=4, eval_every=200, eval_episodes=2, learning_starts=200, epoch_steps=100,
                 checkpoint_every=200, hidden=16, batch_size=32, device="cpu")
     return md.Args(**{**base, **kw})
@@ -52,6 +52,7 @@ def test_end_to_end_tiny(tmp_path, capsys):
         assert pol["env"] == "hopper" and pol["kind"] == kind
     assert sizes["random"] == sizes["medium"] == sizes["expert"] == 300
     assert sizes["medium-expert"] == 600
+    assert snap["env_steps"] == 200  # the first evaluation reaching the (here negative) threshold
     assert sizes["medium-replay"] == snap["env_steps"]  # every transition SAC saw until the snapshot
     assert "medium snapshot at" in out and "normalized score" in out
     # the medium-replay dataset is exactly SAC's replay up to the snapshot
@@ -73,7 +74,7 @@ def test_sac_stage_resumes_from_its_checkpoint(tmp_path, capsys):
         md.main(tiny_args(tmp_path, env="walker2d", kinds=("medium",), sac_steps=300, medium_fraction=10.0))
     ck = torch.load(tmp_path / "work" / "sac" / "checkpoint.pt", weights_only=True)
     assert ck["env_steps"] == 300
-    md.main(tiny_args(tmp_path, env="walker2d", kinds=("medium",), sac_steps=600, medium_fraction=0.0))
+    md.main(tiny_args(tmp_path, env="walker2d", kinds=("medium",), sac_steps=600, medium_fraction=-1.0))
     out = capsys.readouterr().out
     assert "resumed at 300 env steps" in out and "medium snapshot at 400 env steps" in out
     assert "off2on/walker2d/medium-v0" in minari.list_local_datasets()
