@@ -12,10 +12,10 @@ python make_dataset.py --env hopper --kinds medium-replay --medium-fraction 0.06
     --work-dir demo/make_dataset
 # (2) five CQL agents as one vectorized run (full size: 1M updates, batch 256, 40k BC warm-start steps)
 python off2on_cql_ensemble.py --env hopper --dataset medium-replay --offline-updates 1000 --batch-size 64 \
-    --bc-steps 200 --eval-every 500 --run-dir demo/runs/cql_ensemble --export-path demo/hopper_ensemble.pt
+    --bc-steps 200 --eval-every 500 --run-dir demo/runs/hopper__medium-replay__cql_ensemble__seed1 --export-path demo/hopper_ensemble.pt
 # (3) the paper's fine-tuning (full size: 250k online steps)
 python off2on_finetune.py --env hopper --dataset medium-replay --checkpoint demo/hopper_ensemble.pt \
-    --online-steps 8000 --first-epoch-multiplier 2 --run-dir demo/runs/off2on_finetune
-python plot.py --runs demo/runs/off2on_finetune --include-unfinished --out demo/finetune_curve \
+    --online-steps 8000 --first-epoch-multiplier 2 --run-dir demo/runs/hopper__medium-replay__off2on_finetune__seed1
+python plot.py --runs demo/runs/hopper__medium-replay__off2on_finetune__seed1 --include-unfinished --out demo/finetune_curve \
     --title "off2on demo: hopper medium-replay (demo size)"
-echo "fine-tuning curve: demo/finetune_curve.png; scores: demo/runs/off2on_finetune/evals.csv"
+echo "fine-tuning curve: demo/finetune_curve.png; scores: demo/runs/hopper__medium-replay__off2on_finetune__seed1/evals.csv"
