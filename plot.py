@@ -86,7 +86,7 @@ def load_runs(paths) -> pd.DataFrame:
         raise ValueError(f"no run directories with evals.csv in {', '.join(paths)}")
     df = pd.concat(frames, ignore_index=True)
     free = df[df.dataset == "none"]
-    copies = [free.assign(dataset=ds) for env in free.env.unique()
+    copies = [free[free.env == env].assign(dataset=ds) for env in free.env.unique()
               for ds in df[(df.env == env) & (df.dataset != "none")].dataset.unique()]
     return pd.concat([df[df.dataset != "none"], *copies], ignore_index=True)
 

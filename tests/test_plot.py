@@ -102,7 +102,9 @@ def test_run_dirs_as_input(tmp_path):
                                                                   "online,1,1000,ensemble,0,0,7.0,1\n",
             "hopper__medium-replay__awac__seed0": "online,1,1000,policy,0,0,3.0,1\n",
             "hopper__none__sac__seed0": "online,1,1000,policy,0,0,2.0,1\n",
-            "hopper__medium__cql_ensemble__seed0": "offline,10,0,ensemble,0,0,9.0,1\n"}
+            "hopper__medium__cql_ensemble__seed0": "offline,10,0,ensemble,0,0,9.0,1\n",
+            "halfcheetah__none__sac__seed0": "online,1,1000,policy,0,0,1.0,1\n",
+            "halfcheetah__medium__awac__seed0": "online,1,1000,policy,0,0,4.0,1\n"}
     for name, body in runs.items():
         os.makedirs(tmp_path / name)
         (tmp_path / name / "evals.csv").write_text(cols + body)
@@ -110,7 +112,9 @@ def test_run_dirs_as_input(tmp_path):
     df = plot.load_runs([str(tmp_path)])
     ft = df[df.method == "off2on"]
     assert set(ft.seed) == {3} and set(ft.dataset) == {"medium"} and set(ft.finished) == {1}
-    assert sorted(df[df.method == "sac"].dataset) == ["medium", "medium-replay"]
+    sac = df[df.method == "sac"]  # each env's SAC runs go to that env's datasets only
+    assert sorted(sac[sac.env == "hopper"].dataset) == ["medium", "medium-replay"]
+    assert list(sac[sac.env == "halfcheetah"].dataset) == ["medium"]
     assert set(df[df.method == "sac"].finished) == {0}  # no DONE: interrupted or running
     curves = plot.curves_of_runs(df)
     assert "cql_ensemble" not in set(curves.method)  # offline-only runs are not curves
