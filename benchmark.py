@@ -337,6 +337,7 @@ def execute_ray(jobs: list, args: Args, run: Callable = run_job) -> list:
             if attempt == 2:
                 raise
             print(f"ray.init failed ({str(e).splitlines()[0][:120]}); retrying", flush=True)
+    interrupt_on_signals()  # again: ray.init replaces the SIGTERM handler with one that exits
     try:
         task = ray.remote(run).options(num_cpus=args.cpus_per_run, num_gpus=args.gpus_per_run,
                                        max_retries=0)
@@ -391,6 +392,18 @@ def collect(jobs: list, path: str, pairs=()) -> int:
     return len(rows)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def interrupt_on_signals() -> dict:
+    """Ctrl-C, `kill -INT` and `kill -TERM` all stop the sweep the same way: a KeyboardInterrupt that
+    unwinds through ray.shutdown(), whose workers' deaths stop the scripts (PR_SET_PDEATHSIG).
+    Set explicitly: a driver started in the background (`cmd &`) inherits SIGINT ignored.
+    Returns the previous handlers."""
+    return {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
 def main(args: Args, execute: Callable = execute_ray, scripts: dict = SCRIPTS) -> int:
     try:
         jobs = expand(args, scripts)
@@ -415,12 +428,16 @@ def main(args: Args, execute: Callable = execute_ray, scripts: dict = SCRIPTS) -
     if missing:
         print(f"error: missing script(s) {', '.join(missing)} in {ROOT}", file=sys.stderr)
         return 2
+    handlers = interrupt_on_signals()
     try:
         results = execute(jobs, args)
     except KeyboardInterrupt:
         print("interrupted: running jobs were stopped; run the same command again to resume",
               file=sys.stderr)
         return 130
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
     n = collect(jobs, os.path.join(args.out, "results.csv"), task_pairs(args))
     bad = [r for r in results if r["status"] in ("failed", "dep-failed")]
     print(f"{len(results) - len(bad)}/{len(jobs)} jobs done or skipped; {n} evaluation rows in "

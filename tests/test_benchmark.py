@@ -3,7 +3,10 @@
 import csv
 import os
 import re
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -13,7 +16,7 @@ from conftest import ROOT
 # A stand-in for every script: makes datasets, ensemble files and runs with evals.csv, one
 # checkpoint per evaluation; FAKE_CRASH=<run dir name>:<step> exits 1 there (an interrupted run).
 FAKE = r'''
-import json, os, sys
+import json, os, sys, time
 a = sys.argv[1:]
 def opt(name, default=None):
     return a[a.index(name) + 1] if name in a else default
@@ -27,6 +30,9 @@ if "--kinds" in a:
     sys.exit(0)
 run_dir = opt("--run-dir")
 os.makedirs(run_dir, exist_ok=True)
+if os.environ.get("FAKE_SLEEP"):  # a long run: says its pid, then sleeps
+    open(os.path.join(run_dir, "pid"), "w").write(str(os.getpid()))
+    time.sleep(float(os.environ["FAKE_SLEEP"]))
 ckpt, csv_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "evals.csv")
 if "--checkpoint" in a and not os.path.exists(opt("--checkpoint")):
     sys.exit(2)
@@ -208,6 +214,59 @@ def test_ray_local_two_jobs(tmp_path, fake):
     # a second call finds both finished and runs nothing
     assert bm.main(args, scripts=scripts) == 0
     assert len(invocations()) == 2
+
+
+DRIVER = r'''
+import sys
+sys.path.insert(0, sys.argv[1])
+import benchmark as bm
+args = bm.Args(methods=("sac",), envs=("hopper",), datasets=("medium",), seeds=(0,), out=sys.argv[2],
+               online_steps=4, eval_every=2, minari_dir=sys.argv[3], workers=1)
+sys.exit(bm.main(args, scripts={name: sys.argv[4] for name in bm.SCRIPTS}))
+'''
+
+
+def _gone(pid: int) -> bool:
+    """True once pid has exited (a zombie left for a non-reaping init counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_stops_sweep_and_its_runs(tmp_path, fake, sig):
+    """A driver started in the background (SIGINT ignored, as `cmd &` does) stops on kill -INT or
+    kill -TERM with exit code 130, and takes its running scripts with it."""
+    pytest.importorskip("ray")
+    scripts, _ = fake
+    (tmp_path / "driver.py").write_text(DRIVER)
+    out = tmp_path / "out"
+    env = {**os.environ, "FAKE_SLEEP": "300"}
+    proc = subprocess.Popen(
+        [sys.executable, str(tmp_path / "driver.py"), ROOT, str(out), str(tmp_path / "minari"), scripts["sac"]],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    pid_file = out / "runs" / "hopper__none__sac__seed0" / "pid"
+    try:
+        deadline = time.time() + 120
+        while not pid_file.exists() or not pid_file.read_text():
+            assert proc.poll() is None and time.time() < deadline, "the fake run never started"
+            time.sleep(0.2)
+        run_pid = int(pid_file.read_text())
+        proc.send_signal(getattr(signal, sig))
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, output
+    assert "run the same command again to resume" in output
+    deadline = time.time() + 30
+    while not _gone(run_pid):
+        assert time.time() < deadline, "the running script outlived the sweep"
+        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("name", sorted(bm.SIZE_FLAGS))
