@@ -8,12 +8,18 @@ D4RL's recipe (Fu et al. 2020, arXiv 2004.07219), with the behaviour agent train
                  episodes (an episode cut by the snapshot is stored truncated)
   expert         N steps of the final SAC policy (after --sac-steps env steps)
   medium-expert  medium + expert, episode for episode
+Not in D4RL, for fine-tuning agents trained elsewhere (e.g. the paper authors' released CQL agents):
+  policy-rollouts  N steps of the members of an off2on ensemble file (--policy), N/K per member for K
+                 members, each sampling actions from its own tanh-Gaussian policy: an offline buffer drawn
+                 from the agents' own state-action distribution
 Rollouts sample actions from the stochastic tanh-Gaussian policy, as D4RL's were (--deterministic
 uses the mean action). N is --n-steps (D4RL: 1,000,000); the last episode of each rollout worker is
 cut by the budget and stored truncated. Time-limit ends (1000 steps) are truncations, falls are
 terminations.
 
 Run:   python make_dataset.py --env hopper --kinds random medium medium-replay
+       python make_dataset.py --env halfcheetah --kinds policy-rollouts \
+           --policy checkpoints/halfcheetah__medium__cql_ensemble__official.pt
 Each dataset is written with minari.create_dataset_from_buffers as off2on/<env>/<kind>-v0 (in
 $MINARI_DATASETS_PATH or ~/.minari/datasets), with D4RL's reference returns as ref_min/max_score and
 the behaviour policy beside it as behaviour_policy.pt:
@@ -39,6 +45,7 @@ import tyro
 from baselines import sac
 
 ORDER = ("random", "medium", "medium-replay", "expert", "medium-expert")
+ROLLOUTS = "policy-rollouts"
 
 
 @dataclass
@@ -46,7 +53,7 @@ class Args:
     env: str = "hopper"
     """hopper, halfcheetah or walker2d"""
     kinds: tuple[str, ...] = ORDER
-    """datasets to make: random medium medium-replay expert medium-expert"""
+    """datasets to make: random medium medium-replay expert medium-expert (D4RL's), policy-rollouts"""
     n_steps: int = 1_000_000
     """transitions per rollout dataset (random, medium, expert; medium-expert has twice)"""
     sac_steps: int = 1_000_000
@@ -55,6 +62,8 @@ class Args:
     """medium = first snapshot whose eval return reaches this fraction of D4RL's expert return"""
     deterministic: bool = False
     """roll out medium/expert with the mean action instead of sampling (random always samples)"""
+    policy: str = ""
+    """policy-rollouts: the off2on ensemble file (off2on_cql_ensemble.py's output) whose members act"""
     seed: int = 0
     """seed of SAC and of the rollouts"""
     device: str = "auto"
@@ -202,7 +211,8 @@ def permalink(args: Args) -> str:
     return f"off2on make_dataset.py (git {sha or 'unknown'})"
 
 
-def write(args: Args, kind: str, episodes, actors: dict, info: dict, description: str) -> None:
+def write(args: Args, kind: str, episodes, actors: dict, info: dict, description: str,
+          algorithm: str = "", dims: tuple = ()) -> None:
     import minari
     from dataclasses import replace
 
@@ -214,11 +224,11 @@ def write(args: Args, kind: str, episodes, actors: dict, info: dict, description
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is set to None.*")
         minari.create_dataset_from_buffers(
-            ds_id, episodes, env=sac.ENVS[args.env], algorithm_name=f"SAC ({kind}, baselines/sac.py)",
+            ds_id, episodes, env=sac.ENVS[args.env], algorithm_name=algorithm or f"SAC ({kind}, baselines/sac.py)",
             author=args.author, code_permalink=permalink(args), ref_min_score=lo, ref_max_score=hi,
             description=description)
     ref = next(iter(actors.values()))
-    obs_dim, act_dim = ref["net.0.weight"].shape[1], ref["mu.weight"].shape[0]
+    obs_dim, act_dim = dims or (ref["net.0.weight"].shape[1], ref["mu.weight"].shape[0])
     sac.save_checkpoint({"format": "off2on-behaviour/1", "env": args.env, "kind": kind, "obs_dim": obs_dim,
                          "act_dim": act_dim, "hidden": args.hidden, "actors": actors, **info},
                         os.path.join(dataset_dir(ds_id), "behaviour_policy.pt"))
@@ -232,6 +242,30 @@ def report(env: str, kind: str, episodes, returns, seconds: float) -> None:
           f"made in {seconds / 60:.1f} min", flush=True)
 
 
+def ensemble_members(path: str, env: str, device: torch.device):
+    """The members of an off2on ensemble file as K act functions (obs batch -> actions sampled from member
+    i's tanh-Gaussian policy), and the file. Layers are VectorizedLinear: weight [K, in, out], bias [K, 1, out]."""
+    make = f"python off2on_cql_ensemble.py --env {env} ... (or --import-official DIR)"
+    ck = sac.load_checkpoint(path, make)
+    if not isinstance(ck, dict) or ck.get("format") != "off2on-cql-ensemble/1" or ck.get("env") != env:
+        raise sac.InputError(f"{path} is not an off2on ensemble file for {env}; make one with: {make}")
+    w = {k: v.to(device) for k, v in ck["actor"].items()}
+
+    def member(i: int):
+        @torch.no_grad()
+        def act(obs):
+            h = torch.as_tensor(obs, dtype=torch.float32, device=device)
+            for layer in ("net.0", "net.2"):
+                h = torch.relu(h @ w[f"{layer}.weight"][i] + w[f"{layer}.bias"][i])
+            mu = h @ w["mu.weight"][i] + w["mu.bias"][i]
+            std = (h @ w["log_std.weight"][i] + w["log_std.bias"][i]).clamp(-20.0, 2.0).exp()
+            return torch.tanh(mu + std * torch.randn_like(mu)).cpu().numpy()
+
+        return act
+
+    return [member(i) for i in range(ck["members"])], ck
+
+
 RECIPE = ("D4RL recipe on Gymnasium MuJoCo v5, behaviour agent trained by off2on baselines/sac.py "
           "(SAC, 2x256, Adam 3e-4, batch 256, tau 5e-3, gamma 0.99, auto-entropy). ")
 
@@ -239,8 +273,11 @@ RECIPE = ("D4RL recipe on Gymnasium MuJoCo v5, behaviour agent trained by off2on
 def main(args: Args) -> None:
     env_id = sac.check_env(args.env)
     for k in args.kinds:
-        if k not in ORDER:
-            raise sac.InputError(f"unknown kind {k!r}; choose from: {' '.join(ORDER)}")
+        if k not in (*ORDER, ROLLOUTS):
+            raise sac.InputError(f"unknown kind {k!r}; choose from: {' '.join(ORDER)} {ROLLOUTS}")
+    if ROLLOUTS in args.kinds and not args.policy:
+        raise sac.InputError(f"--kinds {ROLLOUTS} needs --policy <ensemble file>, e.g. the output of "
+                             "python off2on_cql_ensemble.py --import-official DIR --env halfcheetah --dataset medium")
     for name in ("n_steps", "sac_steps", "n_envs", "eval_every", "eval_episodes", "epoch_steps"):
         if getattr(args, name) <= 0:
             raise sac.InputError(f"--{name.replace('_', '-')} must be positive")
@@ -251,6 +288,8 @@ def main(args: Args) -> None:
         if k in want and k not in todo:
             print(f"{sac.local_dataset_id(args.env, k)} exists, skipped "
                   f"(`minari delete {sac.local_dataset_id(args.env, k)}` to remake it)")
+    if ROLLOUTS in args.kinds:
+        make_policy_rollouts(args, env_id)
     if not todo:
         return
     device = sac.pick_device(args.device)
@@ -351,6 +390,35 @@ def main(args: Args) -> None:
               {"sac_env_steps": pol["expert"]["sac_env_steps"], "eval_return": pol["expert"]["eval_return"]},
               RECIPE + "medium-expert: the episodes of off2on medium and expert datasets together.")
         report(args.env, "medium-expert", eps[0] + eps[1], rets, time.time() - t0)
+
+
+def make_policy_rollouts(args: Args, env_id: str) -> None:
+    ds_id = sac.local_dataset_id(args.env, ROLLOUTS)
+    if is_made(ds_id):
+        print(f"{ds_id} exists, skipped (`minari delete {ds_id}` to remake it)")
+        return
+    t0 = time.time()
+    device = sac.pick_device(args.device)
+    members, ck = ensemble_members(args.policy, args.env, device)
+    k = len(members)
+    sizes = [args.n_steps // k + (i < args.n_steps % k) for i in range(k)]
+    torch.manual_seed(args.seed + 4)
+    episodes, returns = [], []
+    for i, act in enumerate(members):
+        eps, rets = rollout(env_id, act, sizes[i], args.n_envs, args.seed + 4 + 1_000 * i)
+        episodes += eps
+        returns.append(rets)
+    returns = np.concatenate(returns)
+    write(args, ROLLOUTS, episodes, {"ensemble": ck["actor"]},
+          {"sac_env_steps": 0, "eval_return": float(returns.mean()) if len(returns) else float("nan"),
+           "policy_file": os.path.abspath(args.policy)},
+          f"policy-rollouts: {args.n_steps} steps of the {k} members of the off2on ensemble file "
+          f"{os.path.basename(args.policy)} (trained on {ck.get('dataset')!r}, {ck.get('updates')} updates), "
+          f"{sizes[0]} steps per member, {args.n_envs} envs, actions sampled from each member's own "
+          "tanh-Gaussian policy (tanh(mu + sigma eps)). Time-limit ends are truncations, falls terminations; "
+          "each member's last episodes are cut by its budget (truncated).",
+          algorithm=f"off2on ensemble members ({os.path.basename(args.policy)})", dims=(ck["obs_dim"], ck["act_dim"]))
+    report(args.env, ROLLOUTS, episodes, returns, time.time() - t0)
 
 
 if __name__ == "__main__":

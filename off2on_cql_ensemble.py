@@ -115,7 +115,7 @@ REF_RETURNS = {
     "halfcheetah": (-280.178953, 12135.0),
     "walker2d": (1.629008, 4592.3),
 }
-KINDS = ("random", "medium", "medium-replay", "expert", "medium-expert")
+KINDS = ("random", "medium", "medium-replay", "expert", "medium-expert", "policy-rollouts")
 
 
 class InputError(Exception):
@@ -469,6 +469,7 @@ class Logger:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(dataclasses.asdict(args), f, indent=2)
+        self.run_dir = run_dir
         self.csv_path = os.path.join(run_dir, "evals.csv")
         if not os.path.exists(self.csv_path):
             with open(self.csv_path, "w") as f:
@@ -499,9 +500,18 @@ class Logger:
                f"{score:.3f}", f"{time.time() - self.start:.1f}")
         with open(self.csv_path, "a") as f:
             f.write(",".join(str(x) for x in row) + "\n")
-        self.scalars({f"eval/{policy}/return": r.mean(), f"eval/{policy}/normalized_score": score},
+        self.scalars({f"{phase}/eval_{policy}/return": r.mean(), f"{phase}/eval_{policy}/normalized_score": score},
                      step)
         return score
+
+    def train_row(self, row: dict) -> None:
+        """One row of train.csv (the header is written with the first row)."""
+        path = os.path.join(self.run_dir, "train.csv")
+        new = not os.path.exists(path) or os.path.getsize(path) == 0
+        with open(path, "a") as f:
+            if new:
+                f.write(",".join(row) + "\n")
+            f.write(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row.values()) + "\n")
 
     def close(self) -> None:
         self.writer.close()
@@ -544,6 +554,20 @@ def evaluate(env_name: str, act_fn, episodes: int, seed: int) -> np.ndarray:
         done |= term | trunc
     envs.close()
     return returns
+
+
+def eval_seed(seed: int, k: int) -> int:
+    """Reset seed of the k-th evaluation of a run (k = 0, 1, ...): each evaluation starts from new states."""
+    return seed + 10_000 + 1_000 * k
+
+
+def trim_rows(csv_path: str, column: str, last: int) -> None:
+    """On resume, drop the rows of a csv file written after the checkpoint (column > last): they are redone."""
+    if os.path.exists(csv_path):
+        lines = open(csv_path).read().splitlines()
+        col = lines[0].split(",").index(column) if lines else 0
+        with open(csv_path, "w") as f:
+            f.write("\n".join(lines[:1] + [ln for ln in lines[1:] if int(ln.split(",")[col]) <= last]) + "\n")
 
 
 def run_main(main_fn) -> None:
@@ -666,7 +690,7 @@ def import_official(args: Args) -> str:
     save_checkpoint(ensemble_dict(agent, args.env, args.dataset, updates), path)
     print(f"imported {n} agents ({', '.join(map(os.path.basename, seeds))}) -> {path}")
     if args.eval_episodes > 0:
-        for name, r in eval_policies(agent.actor, args.env, args.eval_episodes, args.seed).items():
+        for name, r in eval_policies(agent.actor, args.env, args.eval_episodes, eval_seed(args.seed, 0)).items():
             print(f"{name}: return {r.mean():.1f} +- {r.std():.1f}, "
                   f"normalized {normalized_score(args.env, r.mean()):.1f}")
     return path
@@ -732,7 +756,8 @@ def main(args: Args) -> str:
             bar.set_postfix(q=f"{float(metrics['charts/q_data']):.1f}", cql=f"{float(metrics['losses/cql']):.2f}")
             t0, since = time.time(), updates
         if args.eval_episodes > 0 and (updates % args.eval_every == 0 or updates == args.offline_updates):
-            for name, r in eval_policies(agent.actor, args.env, args.eval_episodes, args.seed).items():
+            k = (updates - 1) // args.eval_every  # index of this evaluation: new start states each time
+            for name, r in eval_policies(agent.actor, args.env, args.eval_episodes, eval_seed(args.seed, k)).items():
                 score = logger.eval_row("offline", updates, 0, name, r, args.env, updates)
             bar.write(f"update {updates}: ensemble normalized score {score:.1f}")
         if updates % args.checkpoint_every == 0 or updates == args.offline_updates:

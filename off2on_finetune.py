@@ -61,7 +61,8 @@ class Args:
     epoch_steps: int = 1_000
     """env steps per epoch; each epoch is followed by as many updates"""
     first_epoch_multiplier: int = 5
-    """the first epoch is followed by this many times --epoch-steps updates"""
+    """the first epoch is followed by this many times --epoch-steps updates (5: the command of the authors'
+    README, `examples/ours.py --first_epoch_multiplier 5`; their argparse default is 10)"""
     eval_every: int = 1_000
     """evaluate the deterministic ensemble policy every this many env steps (rounded to epochs)"""
     eval_episodes: int = 5
@@ -78,8 +79,9 @@ class Args:
     """priorities are clipped to this range"""
     temperature: float = 5.0
     """T in the priority w^(1/T) / mean_offline(w^(1/T))"""
-    init_online_fraction: float = 0.5
-    """f: new online transitions enter at max priority, initially M*f/((1-f)*1000) for M offline ones"""
+    init_online_fraction: float = 0.75
+    """f: new online transitions enter at max priority, initially M*f/((1-f)*1000) for M offline ones
+    (0.75: the command of the authors' README, `--init_online_fraction 0.75`; their argparse default is 0.5)"""
 
 
 # =====================================================================================
@@ -93,7 +95,7 @@ REF_RETURNS = {
     "halfcheetah": (-280.178953, 12135.0),
     "walker2d": (1.629008, 4592.3),
 }
-KINDS = ("random", "medium", "medium-replay", "expert", "medium-expert")
+KINDS = ("random", "medium", "medium-replay", "expert", "medium-expert", "policy-rollouts")
 
 
 class InputError(Exception):
@@ -265,11 +267,12 @@ class Replay:
     def uniform(self, lo: int, hi: int, n: int) -> torch.Tensor:
         return self.rows[torch.randint(lo, hi, (n,), device=self.device)]
 
-    def sample_rl(self, n: int, mode: str):  # -> (sum-tree indices or None, rows) of the RL batch
-        if mode == "balanced":
+    def sample_rl(self, n: int, mode: str):  # -> (row indices, rows) of the RL batch
+        if mode == "balanced":  # sum-tree indices (numpy): the one host->device copy
             idx = self.tree.sample(n)
-            return idx, self.rows[torch.from_numpy(idx).to(self.device)]  # the one host->device copy
-        return None, self.uniform(0 if mode == "uniform" else self.M, self.M + self.n_online, n)
+            return idx, self.rows[torch.from_numpy(idx).to(self.device)]
+        idx = torch.randint(0 if mode == "uniform" else self.M, self.M + self.n_online, (n,), device=self.device)
+        return idx, self.rows[idx]
 
 
 # =====================================================================================
@@ -328,10 +331,18 @@ class EnsembleCritic(nn.Module):
 # Density-ratio net, ensemble policy, losses and the update (one gradient step).
 # =====================================================================================
 def density_ratio_net(in_dim: int, hidden: int = 256) -> nn.Sequential:
-    """w(s, a) >= 0 [B, 1], trained so that w ~ d_online(s,a) / d_offline(s,a): 2x256 ReLU MLP, ReLU
-    output, last bias 1 (w = 1 everywhere before training), as in the authors' code."""
+    """w(s, a) >= 0 [B, 1], trained so that w ~ d_online(s,a) / d_offline(s,a): 2x256 ReLU MLP with a ReLU
+    output. Initialized as the authors' weight net (rlkit ConcatMlp, then last bias 1): hidden weights
+    U(-1/sqrt(fan), 1/sqrt(fan)) with rlkit's fanin_init, which reads the fan from dim 0 of the [out, in]
+    weight, i.e. out_features; hidden biases 0; last weights U(-3e-3, 3e-3); last bias 1. So w = 1.000 +- 0.003
+    everywhere before training and the first priorities are all about 1."""
     net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                         nn.Linear(hidden, 1), nn.ReLU())
+    for layer in (net[0], net[2]):
+        bound = 1.0 / math.sqrt(layer.weight.shape[0])
+        nn.init.uniform_(layer.weight, -bound, bound)
+        nn.init.zeros_(layer.bias)
+    nn.init.uniform_(net[4].weight, -3e-3, 3e-3)
     nn.init.constant_(net[4].bias, 1.0)
     return net
 
@@ -390,8 +401,8 @@ def sac_losses(actor, critic, critic_target, log_alpha, batch, n: int, gamma: fl
     actor_loss = (alpha * logp_pi - torch.min(q_pi[:n], q_pi[n:]).mean(0)).mean()
     # temperature loss: -log alpha (log pi + target entropy), target entropy -|A|
     alpha_loss = -(log_alpha * (logp_pi.detach() + target_entropy)).mean()
-    stats = {"losses/critic": critic_loss.detach(), "losses/actor": actor_loss.detach(), "charts/alpha": alpha,
-             "charts/q": q.detach().mean(), "charts/entropy": -logp_pi.detach().mean()}
+    stats = {"critic_loss": critic_loss.detach(), "actor_loss": actor_loss.detach(), "alpha": alpha,
+             "q_mean": q.detach().mean(), "entropy": -logp_pi.detach().mean()}
     return critic_loss, actor_loss, alpha_loss, stats
 
 
@@ -428,7 +439,9 @@ def train_step(lr: Learner, buf: Replay, args) -> dict:
         prio = prio.cpu().numpy()
         buf.tree.update(idx, prio)
         buf.max_priority = max(buf.max_priority, float(prio.max()))  # running max, for new online rows
-        stats = {"losses/ratio": loss.detach(), "replay/online_fraction": (idx >= buf.M).mean()}
+        stats = {"ratio_loss": loss.detach(), "w_offline_mean": w[: len(x_off)].detach().mean(),
+                 "w_online_mean": w[len(x_off) :].detach().mean()}
+    stats["online_fraction"] = (idx >= buf.M).mean() if args.replay == "balanced" else (idx >= buf.M).float().mean()
     n, act_dim = lr.actor.mu.weight.shape[0], lr.actor.mu.weight.shape[2]
     critic_loss, actor_loss, alpha_loss, sac_stats = sac_losses(lr.actor, lr.critic, lr.critic_target, lr.log_alpha,
                                                                 buf.split(rows), n, args.gamma, -float(act_dim))
@@ -493,6 +506,7 @@ class Logger:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(dataclasses.asdict(args), f, indent=2)
+        self.run_dir = run_dir
         self.csv_path = os.path.join(run_dir, "evals.csv")
         if not os.path.exists(self.csv_path):
             with open(self.csv_path, "w") as f:
@@ -523,9 +537,18 @@ class Logger:
                f"{score:.3f}", f"{time.time() - self.start:.1f}")
         with open(self.csv_path, "a") as f:
             f.write(",".join(str(x) for x in row) + "\n")
-        self.scalars({f"eval/{policy}/return": r.mean(), f"eval/{policy}/normalized_score": score},
+        self.scalars({f"{phase}/eval_{policy}/return": r.mean(), f"{phase}/eval_{policy}/normalized_score": score},
                      step)
         return score
+
+    def train_row(self, row: dict) -> None:
+        """One row of train.csv (the header is written with the first row)."""
+        path = os.path.join(self.run_dir, "train.csv")
+        new = not os.path.exists(path) or os.path.getsize(path) == 0
+        with open(path, "a") as f:
+            if new:
+                f.write(",".join(row) + "\n")
+            f.write(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row.values()) + "\n")
 
     def close(self) -> None:
         self.writer.close()
@@ -568,6 +591,20 @@ def evaluate(env_name: str, act_fn, episodes: int, seed: int) -> np.ndarray:
         done |= term | trunc
     envs.close()
     return returns
+
+
+def eval_seed(seed: int, k: int) -> int:
+    """Reset seed of the k-th evaluation of a run (k = 0, 1, ...): each evaluation starts from new states."""
+    return seed + 10_000 + 1_000 * k
+
+
+def trim_rows(csv_path: str, column: str, last: int) -> None:
+    """On resume, drop the rows of a csv file written after the checkpoint (column > last): they are redone."""
+    if os.path.exists(csv_path):
+        lines = open(csv_path).read().splitlines()
+        col = lines[0].split(",").index(column) if lines else 0
+        with open(csv_path, "w") as f:
+            f.write("\n".join(lines[:1] + [ln for ln in lines[1:] if int(ln.split(",")[col]) <= last]) + "\n")
 
 
 def run_main(main_fn) -> None:
@@ -621,14 +658,6 @@ def set_env_state(env: gym.Env, s: dict) -> None:
     env._elapsed_steps, u.np_random.bit_generator.state = s["elapsed_steps"], s["np_random"]
 
 
-def trim_evals(csv_path: str, env_steps: int) -> None:
-    """On resume, drop evaluation rows written after the checkpoint (they will be redone)."""
-    if os.path.exists(csv_path):
-        lines, col = open(csv_path).read().splitlines(), EVAL_COLUMNS.index("env_steps")
-        with open(csv_path, "w") as f:
-            f.write("\n".join(lines[:1] + [ln for ln in lines[1:] if int(ln.split(",")[col]) <= env_steps]) + "\n")
-
-
 @torch.no_grad()
 def act(actor: EnsembleActor, obs: np.ndarray, deterministic: bool) -> np.ndarray:
     """obs [n, obs] -> actions [n, act]: tanh(mu) of the ensemble policy, or a sample of it."""
@@ -639,6 +668,8 @@ def act(actor: EnsembleActor, obs: np.ndarray, deterministic: bool) -> np.ndarra
 
 
 STATE = ("actor", "critic", "critic_target", "ratio", "sac_opt", "ratio_opt")
+# train.csv: epoch means (ratio columns stay empty without balanced replay)
+TRAIN_COLUMNS = ("q_mean", "alpha", "entropy", "online_fraction", "ratio_loss", "w_offline_mean", "w_online_mean")
 
 
 def main(args: Args) -> None:
@@ -674,7 +705,7 @@ def main(args: Args) -> None:
     buf = Replay(data, args.online_steps, device, args.init_online_fraction)
     del data
     obs, _ = env.reset(seed=args.seed)
-    counters, ep_ret, ep_len = {"env_steps": 0, "updates": 0, "epoch": 0}, 0.0, 0
+    counters, ep_ret, ep_len = {"env_steps": 0, "updates": 0, "epoch": 0, "evals": 0}, 0.0, 0
     if args.resume:  # everything the run would hold had it not stopped
         for k in STATE:
             getattr(lr, k).load_state_dict(run[k])
@@ -687,15 +718,18 @@ def main(args: Args) -> None:
         st = run["env_state"]
         obs, ep_ret, ep_len = st["obs"].numpy(), st["ep_return"], st["ep_length"]
         set_rng_state(run["rng"])
-        trim_evals(os.path.join(run_dir, "evals.csv"), counters["env_steps"])
+        for name in ("evals.csv", "train.csv"):
+            trim_rows(os.path.join(run_dir, name), "env_steps", counters["env_steps"])
         del run
     logger = Logger(args, run_dir, "off2on_finetune")
     print(f"run dir: {run_dir}\ncheckpoint: {ckpt_path}\noffline ensemble: {offline_path} "
           f"({lr.actor.mu.weight.shape[0]} members, {buf.M} offline transitions, replay {args.replay})"
           + (f"\nresumed at {counters['env_steps']} env steps" if args.resume else ""))
 
-    def eval_row() -> float:  # deterministic ensemble policy tanh(mu), D4RL normalized score
-        returns = evaluate(args.env, lambda o: act(lr.actor, o, True), args.eval_episodes, args.seed + 10_000)
+    def eval_row() -> float:  # deterministic ensemble policy tanh(mu), D4RL normalized score, new start states
+        seed = eval_seed(args.seed, counters["evals"])
+        returns = evaluate(args.env, lambda o: act(lr.actor, o, True), args.eval_episodes, seed)
+        counters["evals"] += 1
         return logger.eval_row("online", counters["updates"], counters["env_steps"], "ensemble", returns,
                                args.env, counters["env_steps"])
 
@@ -723,15 +757,21 @@ def main(args: Args) -> None:
                 new_rows[i] = np.concatenate([obs, a, [rew], next_obs, [float(term)]])  # truncation: not terminal
                 obs, ep_ret, ep_len = next_obs, ep_ret + float(rew), ep_len + 1
                 if term or trunc:
-                    logger.scalars({"charts/episodic_return": ep_ret, "charts/episodic_length": ep_len}, start + i + 1)
+                    logger.scalars({"online/episodic_return": ep_ret, "online/episodic_length": ep_len}, start + i + 1)
                     (obs, _), ep_ret, ep_len = env.reset(), 0.0, 0
             buf.add_online(new_rows)
             counters["env_steps"] += len(new_rows)
             pbar.update(len(new_rows))
-            for _ in range(len(new_rows) * (args.first_epoch_multiplier if counters["epoch"] == 0 else 1)):
-                stats = train_step(lr, buf, args)
+            n_updates = len(new_rows) * (args.first_epoch_multiplier if counters["epoch"] == 0 else 1)
+            sums = {}
+            for _ in range(n_updates):
+                for key, value in train_step(lr, buf, args).items():
+                    sums[key] = sums.get(key, 0.0) + value
                 counters["updates"] += 1
-            logger.scalars(stats, counters["env_steps"])  # last update's scalars: one host sync per epoch
+            means = {key: float(total) / n_updates for key, total in sums.items()}  # one host sync per epoch
+            logger.scalars({f"online/{key}": value for key, value in means.items()}, counters["env_steps"])
+            logger.train_row({"env_steps": counters["env_steps"], "updates": counters["updates"],
+                              **{key: means.get(key, "") for key in TRAIN_COLUMNS}})
             counters["epoch"] += 1
             done = counters["env_steps"] >= args.online_steps
             if done or counters["env_steps"] // args.eval_every > start // args.eval_every:

@@ -124,6 +124,39 @@ def test_priorities_and_ratio_loss_by_hand():
     assert ft.ratio_loss(w_off, w_on).item() == pytest.approx(hand, rel=1e-5)
 
 
+def halfcheetah_inputs(n=4096, seed=0):
+    """(s, a) rows of HalfCheetah-v5 under uniform random actions: inputs at the env's own scale."""
+    import gymnasium as gym
+
+    env = gym.make("HalfCheetah-v5")
+    rng = np.random.default_rng(seed)
+    obs, _ = env.reset(seed=seed)
+    rows = []
+    for _ in range(n):
+        act = rng.uniform(-1, 1, 6).astype(np.float32)
+        rows.append(np.concatenate([obs, act]))
+        obs, _, term, trunc, _ = env.step(act)
+        if term or trunc:
+            obs, _ = env.reset()
+    return torch.tensor(np.array(rows), dtype=torch.float32)
+
+
+def test_ratio_net_starts_at_one_like_the_authors():
+    x = halfcheetah_inputs()
+    for seed in range(3):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            w = ft.density_ratio_net(23)(x).squeeze(-1)
+        assert abs(w.mean().item() - 1.0) < 0.01 and w.std().item() < 0.01, (w.mean(), w.std())
+    # PyTorch's default init (what rlkit's init replaces) fails the same check
+    torch.manual_seed(0)
+    default = torch.nn.Sequential(torch.nn.Linear(23, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
+                                  torch.nn.ReLU(), torch.nn.Linear(256, 1))
+    torch.nn.init.constant_(default[4].bias, 1.0)
+    with torch.no_grad():
+        assert default(x).std().item() > 0.01
+
+
 def test_ratio_net_recovers_gaussian_density_ratio():
     """Offline N(0, I), online N(mu, I) in 3-D: the true ratio is exp(mu.x - |mu|^2/2)."""
     torch.manual_seed(0)
@@ -268,12 +301,33 @@ def test_tiny_end_to_end_run(tmp_path, tiny_dataset, capsys, replay, members):
     ens = torch.load(tmp_path / "ens.pt", weights_only=True)  # members are the first K rows, and were trained
     assert not torch.equal(ck["actor"]["mu.weight"], ens["actor"]["mu.weight"][:k])
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(args.run_dir))
+    train = list(csv.DictReader(open(os.path.join(args.run_dir, "train.csv"))))  # one row per epoch
+    assert list(train[0]) == ["env_steps", "updates", *ft.TRAIN_COLUMNS]
+    assert [(r["env_steps"], r["updates"]) for r in train] == [("20", "40"), ("40", "60"), ("60", "80")]
+    share = [float(r["online_fraction"]) for r in train]
+    if replay == "online-only":
+        assert share == [1.0, 1.0, 1.0]
+    else:
+        assert all(0 < f < 1 for f in share)
+    if replay == "balanced":
+        assert all(float(r["w_offline_mean"]) > 0 and float(r["ratio_loss"]) < 0.1 for r in train)
+    else:
+        assert all(r["ratio_loss"] == "" for r in train)
 
 
 def test_resume_continues_exactly(tmp_path, tiny_dataset, monkeypatch):
     tiny_dataset("hopper", "medium-replay")
     ensemble_file(tmp_path / "ens.pt")
+    real_evaluate, seeds = ft.evaluate, []
+
+    def recording_evaluate(env_name, act_fn, episodes, seed):
+        seeds.append(seed)
+        return real_evaluate(env_name, act_fn, episodes, seed)
+
+    monkeypatch.setattr(ft, "evaluate", recording_evaluate)
     ft.main(tiny_args(tmp_path, "a"))
+    seeds_a, seeds[:] = list(seeds), []
+    assert len(set(seeds_a)) == len(seeds_a) == 4  # every evaluation starts from new states
     real_save, calls = ft.save_checkpoint, []
 
     def killed_at_second_save(obj, path):  # the run dies after its 2nd evaluation, before saving
@@ -299,6 +353,21 @@ def test_resume_continues_exactly(tmp_path, tiny_dataset, monkeypatch):
     assert (a["max_priority"], a["updates"], a["env_steps"]) == (b["max_priority"], b["updates"], b["env_steps"])
     strip = [{k: v for k, v in r.items() if k != "wall_time_s"} for r in evals(tmp_path / "a")]
     assert strip == [{k: v for k, v in r.items() if k != "wall_time_s"} for r in evals(tmp_path / "b")]
+    # run b evaluated 0, 20, 40 (killed before saving), then redid 40 and 60 with the same seeds as run a
+    assert seeds == seeds_a[:3] + seeds_a[2:]
+    assert (tmp_path / "a" / "train.csv").read_text() == (tmp_path / "b" / "train.csv").read_text()
+
+
+def test_consecutive_evaluations_start_from_different_states():
+    import gymnasium as gym
+
+    starts = []
+    for k in range(2):
+        envs = gym.vector.SyncVectorEnv([lambda: gym.make("Hopper-v5") for _ in range(3)])
+        starts.append(envs.reset(seed=ft.eval_seed(1, k))[0])
+        envs.close()
+    assert not np.allclose(starts[0], starts[1])
+    assert len({ft.eval_seed(1, k) for k in range(100)}) == 100
 
 
 def test_fine_tunes_an_export_of_off2on_cql_ensemble(tmp_path, tiny_dataset):

@@ -112,9 +112,35 @@ def test_hand_made_episodes_keep_terminations_and_truncations():
     assert np.array_equal(arr["next_observations"][:, 0], np.arange(1, n + 1))
 
 
+def test_policy_rollouts_come_from_each_member_in_turn(tmp_path):
+    """Known answer: member i of a hand-built ensemble acts tanh(c_i) whatever the state (zero weights,
+    bias c_i, log_std -20), so each member's share of the buffer carries its own constant action."""
+    n, hidden, obs_dim, act_dim = 3, 8, 11, 3
+    const = torch.tensor([-0.5, 0.1, 0.7])
+    actor = {"net.0.weight": torch.zeros(n, obs_dim, hidden), "net.0.bias": torch.zeros(n, 1, hidden),
+             "net.2.weight": torch.zeros(n, hidden, hidden), "net.2.bias": torch.zeros(n, 1, hidden),
+             "mu.weight": torch.zeros(n, hidden, act_dim), "mu.bias": const.view(n, 1, 1).expand(n, 1, act_dim).clone(),
+             "log_std.weight": torch.zeros(n, hidden, act_dim), "log_std.bias": torch.full((n, 1, act_dim), -20.0)}
+    torch.save({"format": "off2on-cql-ensemble/1", "env": "hopper", "dataset": "medium", "obs_dim": obs_dim,
+                "act_dim": act_dim, "members": n, "hidden": hidden, "actor": actor, "updates": 7},
+               tmp_path / "ens.pt")
+    md.main(tiny_args(tmp_path, kinds=("policy-rollouts",), policy=str(tmp_path / "ens.pt"), n_steps=301, n_envs=2))
+    ds = minari.load_dataset("off2on/hopper/policy-rollouts-v0")
+    assert ds.total_steps == 301 and "3 members" in ds.storage.metadata["description"]
+    actions = np.concatenate([ep.actions for ep in ds.iterate_episodes()])
+    per_member = [101, 100, 100]  # 301 steps over 3 members, in member order
+    expected = np.repeat(np.tanh(const.numpy()), per_member)[:, None].repeat(act_dim, 1)
+    assert np.allclose(actions, expected, atol=1e-6)
+    arr = sac.load_dataset("hopper", "policy-rollouts")  # a kind every script accepts as --dataset
+    assert len(arr["rewards"]) == 301
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "make_dataset.py"), "--kinds", "policy-rollouts"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "needs --policy" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--env", "hopper", "--kinds", "medium", "expertt"], "error: unknown kind 'expertt'; choose from: "
-                                                          "random medium medium-replay expert medium-expert"),
+                                                          "random medium medium-replay expert medium-expert policy-rollouts"),
     (["--env", "humanoid"], "error: unknown env 'humanoid'; choose one of: hopper, halfcheetah, walker2d"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(argv, message):
