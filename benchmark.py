@@ -41,8 +41,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import tyro
 
@@ -87,15 +87,15 @@ class Args:
     """seeds; each off2on seed fine-tunes the ensemble pretrained with the same seed"""
     out: str = "benchmark"
     """output folder: runs/, checkpoints/, logs/, results.csv"""
-    online_steps: Optional[int] = None
+    online_steps: int | None = None
     """--online-steps passed to every method (None: each script's default)"""
-    offline_updates: Optional[int] = None
+    offline_updates: int | None = None
     """--offline-updates of the ensemble pretraining and the offline phases (None: default)"""
-    eval_every: Optional[int] = None
+    eval_every: int | None = None
     """--eval-every passed to every script that takes it (None: default)"""
-    eval_episodes: Optional[int] = None
+    eval_episodes: int | None = None
     """--eval-episodes passed to every script that takes it (None: default)"""
-    pretrain_eval_every: Optional[int] = None
+    pretrain_eval_every: int | None = None
     """--eval-every of the ensemble pretraining, in updates (None: its default)"""
     extra: tuple[str, ...] = ()
     """more arguments for one script, as NAME=ARGS with NAME a method, make_dataset, cql_ensemble
@@ -146,8 +146,11 @@ def slug(dataset: str) -> str:
 
 
 def minari_root(minari_dir: str = "") -> str:
-    return (minari_dir or os.environ.get("MINARI_DATASETS_PATH")
-            or os.path.join(os.path.expanduser("~"), ".minari", "datasets"))
+    return (
+        minari_dir
+        or os.environ.get("MINARI_DATASETS_PATH")
+        or os.path.join(os.path.expanduser("~"), ".minari", "datasets")
+    )
 
 
 def made_marker(env: str, kind: str, minari_dir: str = "") -> str:
@@ -161,8 +164,7 @@ def parse_extra(extra) -> dict:
     for item in extra:
         name, sep, rest = item.partition("=")
         if not sep or name not in names:
-            raise ValueError(f"--extra {item!r}: expected NAME=ARGS with NAME one of "
-                             f"{', '.join(sorted(names))}")
+            raise ValueError(f"--extra {item!r}: expected NAME=ARGS with NAME one of {', '.join(sorted(names))}")
         out[name] = out.get(name, []) + shlex.split(rest)
     return out
 
@@ -203,8 +205,17 @@ def expand(args: Args, scripts: dict = SCRIPTS) -> list:
     env_vars = {"MINARI_DATASETS_PATH": os.path.abspath(args.minari_dir)} if args.minari_dir else {}
 
     def job(name, stage, cmd, done_paths, run_dir="", deps=(), meta=None):
-        return Job(name, stage, cmd, os.path.join(out, "logs", f"{name}.log"), list(done_paths),
-                   run_dir, list(deps), meta or {}, env_vars)
+        return Job(
+            name,
+            stage,
+            cmd,
+            os.path.join(out, "logs", f"{name}.log"),
+            list(done_paths),
+            run_dir,
+            list(deps),
+            meta or {},
+            env_vars,
+        )
 
     jobs, data_job, pretrain = [], {}, {}  # data_job: env -> job name; pretrain: see below
     for env in envs:
@@ -215,8 +226,7 @@ def expand(args: Args, scripts: dict = SCRIPTS) -> list:
             work = os.path.join(out, "make_dataset", env)  # its SAC checkpoints, for resuming
             cmd = script_cmd(args, "make_dataset", scripts, env=env, work_dir=work)
             data_job[env] = f"{env}__make_dataset"
-            jobs.append(job(data_job[env], "dataset", cmd + ["--kinds", *(todo or kinds)], made,
-                            meta={"env": env}))
+            jobs.append(job(data_job[env], "dataset", cmd + ["--kinds", *(todo or kinds)], made, meta={"env": env}))
     if "off2on" in args.methods:  # (env, dataset, seed) -> (job name, ensemble file)
         for env, ds in pairs:
             for seed in args.seeds[:1] if args.shared_pretrain else args.seeds:
@@ -224,11 +234,21 @@ def expand(args: Args, scripts: dict = SCRIPTS) -> list:
                 path = os.path.join(out, "checkpoints", f"{name}.pt")
                 run_dir = os.path.join(out, "runs", name)
                 every = {"eval_every": args.pretrain_eval_every} if args.pretrain_eval_every else {}
-                cmd = script_cmd(args, "cql_ensemble", scripts, env=env, dataset=ds, seed=seed,
-                                 run_dir=run_dir, export_path=path, **every)
+                cmd = script_cmd(
+                    args,
+                    "cql_ensemble",
+                    scripts,
+                    env=env,
+                    dataset=ds,
+                    seed=seed,
+                    run_dir=run_dir,
+                    export_path=path,
+                    **every,
+                )
                 deps = [data_job[env]] if env in data_job else []
-                jobs.append(job(name, "pretrain", cmd, [path], run_dir, deps,
-                                {"env": env, "dataset": ds, "seed": seed}))
+                jobs.append(
+                    job(name, "pretrain", cmd, [path], run_dir, deps, {"env": env, "dataset": ds, "seed": seed})
+                )
                 pretrain[env, ds, seed] = (name, path)
     if args.prepare_only:
         return jobs
@@ -249,8 +269,17 @@ def expand(args: Args, scripts: dict = SCRIPTS) -> list:
                     pname, fields["checkpoint"] = pretrain[env, ds, pseed]
                     deps.append(pname)
                 meta = {"env": env, "dataset": None if free else ds, "method": method, "seed": seed}
-                jobs.append(job(name, "run", script_cmd(args, method, scripts, **fields),
-                                [os.path.join(run_dir, "DONE")], run_dir, deps, meta))
+                jobs.append(
+                    job(
+                        name,
+                        "run",
+                        script_cmd(args, method, scripts, **fields),
+                        [os.path.join(run_dir, "DONE")],
+                        run_dir,
+                        deps,
+                        meta,
+                    )
+                )
     return jobs
 
 
@@ -263,7 +292,7 @@ def state(job: Job) -> str:
     return "todo"
 
 
-def _child_setup(nice: Optional[int]) -> Callable:
+def _child_setup(nice: int | None) -> Callable:
     """Runs in the child before exec: get SIGTERM when the Ray worker running it dies (Ctrl-C,
     ray stop), so no orphaned run keeps going (Linux only); and undo the niceness Ray gives its
     workers (15), so a run gets the CPU share of the command that started the sweep."""
@@ -280,15 +309,13 @@ def _child_setup(nice: Optional[int]) -> Callable:
     return setup
 
 
-def run_job(job: Job, *dep_results, lock: str = "", cwd: str = ROOT, threads: int = 1,
-            nice: Optional[int] = None) -> dict:
+def run_job(job: Job, *dep_results, lock: str = "", cwd: str = ROOT, threads: int = 1, nice: int | None = None) -> dict:
     """Run one job unless finished (checked here, on the node that runs it) or a dependency failed.
     Appends the subprocess's output to job.log; writes run_dir/DONE after exit code 0."""
     t0 = time.time()
     failed = [r["name"] for r in dep_results if r["status"] not in ("done", "skipped")]
     if failed:
-        return {"name": job.name, "status": "dep-failed", "detail": ", ".join(failed),
-                "seconds": 0.0}
+        return {"name": job.name, "status": "dep-failed", "detail": ", ".join(failed), "seconds": 0.0}
     st = state(job)
     if st == "done":
         return {"name": job.name, "status": "skipped", "detail": "already finished", "seconds": 0.0}
@@ -303,8 +330,9 @@ def run_job(job: Job, *dep_results, lock: str = "", cwd: str = ROOT, threads: in
         f.write(f"\n### {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
         f.flush()
         t_run = time.time()
-        rc = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env,
-                            preexec_fn=_child_setup(nice)).returncode
+        rc = subprocess.run(
+            cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env, preexec_fn=_child_setup(nice)
+        ).returncode
         f.write(f"### exit code {rc} after {time.time() - t_run:.0f} s\n")
     if rc == 0 and job.run_dir:
         os.makedirs(job.run_dir, exist_ok=True)
@@ -312,8 +340,14 @@ def run_job(job: Job, *dep_results, lock: str = "", cwd: str = ROOT, threads: in
             f.write(shlex.join(cmd) + "\n")
     ok = rc == 0 and state(job) == "done"
     detail = f"exit code {rc}{'' if ok or rc else '; expected output missing'}, log {job.log}"
-    return {"name": job.name, "status": "done" if ok else "failed", "detail": detail,
-            "seconds": time.time() - t_run, "waited": t_run - t0, "resumed": st == "resume"}
+    return {
+        "name": job.name,
+        "status": "done" if ok else "failed",
+        "detail": detail,
+        "seconds": time.time() - t_run,
+        "waited": t_run - t0,
+        "resumed": st == "resume",
+    }
 
 
 def execute_ray(jobs: list, args: Args, run: Callable = run_job) -> list:
@@ -329,8 +363,7 @@ def execute_ray(jobs: list, args: Args, run: Callable = run_job) -> list:
             if args.ray_address:
                 ray.init(address=args.ray_address, log_to_driver=False)
             else:
-                ray.init(num_cpus=args.workers or os.cpu_count(), include_dashboard=False,
-                         log_to_driver=False)
+                ray.init(num_cpus=args.workers or os.cpu_count(), include_dashboard=False, log_to_driver=False)
             break
         except Exception as e:  # noqa: BLE001 (Ray raises plain Exception here)
             ray.shutdown()
@@ -339,21 +372,23 @@ def execute_ray(jobs: list, args: Args, run: Callable = run_job) -> list:
             print(f"ray.init failed ({str(e).splitlines()[0][:120]}); retrying", flush=True)
     interrupt_on_signals()  # again: ray.init replaces the SIGTERM handler with one that exits
     try:
-        task = ray.remote(run).options(num_cpus=args.cpus_per_run, num_gpus=args.gpus_per_run,
-                                       max_retries=0)
+        task = ray.remote(run).options(num_cpus=args.cpus_per_run, num_gpus=args.gpus_per_run, max_retries=0)
         threads = max(1, math.ceil(args.cpus_per_run))
         nice = os.getpriority(os.PRIO_PROCESS, 0) if not args.ray_address else None
         refs = {}
         for job in jobs:
-            refs[job.name] = task.remote(job, *[refs[d] for d in job.deps], lock=args.lock,
-                                         cwd=ROOT, threads=threads, nice=nice)
+            refs[job.name] = task.remote(
+                job, *[refs[d] for d in job.deps], lock=args.lock, cwd=ROOT, threads=threads, nice=nice
+            )
         pending, results = list(refs.values()), []
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             r = ray.get(ready[0])
             results.append(r)
-            print(f"[{len(results)}/{len(jobs)}] {r['status']:10s} {r['name']} "
-                  f"({r['seconds']:.0f} s) {r['detail']}", flush=True)
+            print(
+                f"[{len(results)}/{len(jobs)}] {r['status']:10s} {r['name']} ({r['seconds']:.0f} s) {r['detail']}",
+                flush=True,
+            )
         return results
     finally:
         ray.shutdown()
@@ -377,12 +412,19 @@ def collect(jobs: list, path: str, pairs=()) -> int:
         m = job.meta
         evals = read_evals(job.run_dir)
         finished = int(os.path.exists(os.path.join(job.run_dir, "DONE")))
-        datasets = [m["dataset"]] if m["dataset"] is not None else (
-            [d for e, d in pairs if e == m["env"]] or ["none"])
+        datasets = [m["dataset"]] if m["dataset"] is not None else ([d for e, d in pairs if e == m["env"]] or ["none"])
         for ds in datasets:
             for r in evals:
-                rows.append({"env": m["env"], "dataset": ds, "method": m["method"],
-                             "seed": m["seed"], "finished": finished, **r})
+                rows.append(
+                    {
+                        "env": m["env"],
+                        "dataset": ds,
+                        "method": m["method"],
+                        "seed": m["seed"],
+                        "finished": finished,
+                        **r,
+                    }
+                )
                 cols += [k for k in r if k not in cols]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", newline="") as f:
@@ -410,13 +452,17 @@ def main(args: Args, execute: Callable = execute_ray, scripts: dict = SCRIPTS) -
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    missing = sorted({j.cmd[1] for j in jobs if state(j) != "done"
-                      and not os.path.exists(os.path.join(ROOT, j.cmd[1]))})
+    missing = sorted(
+        {j.cmd[1] for j in jobs if state(j) != "done" and not os.path.exists(os.path.join(ROOT, j.cmd[1]))}
+    )
     counts = {}
     for job in jobs:
         counts[state(job)] = counts.get(state(job), 0) + 1
-    print(f"{len(jobs)} jobs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-          + f"; output in {os.path.abspath(args.out)}")
+    print(
+        f"{len(jobs)} jobs: "
+        + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+        + f"; output in {os.path.abspath(args.out)}"
+    )
     if args.dry_run:
         for job in jobs:
             st = state(job)
@@ -432,16 +478,17 @@ def main(args: Args, execute: Callable = execute_ray, scripts: dict = SCRIPTS) -
     try:
         results = execute(jobs, args)
     except KeyboardInterrupt:
-        print("interrupted: running jobs were stopped; run the same command again to resume",
-              file=sys.stderr)
+        print("interrupted: running jobs were stopped; run the same command again to resume", file=sys.stderr)
         return 130
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
     n = collect(jobs, os.path.join(args.out, "results.csv"), task_pairs(args))
     bad = [r for r in results if r["status"] in ("failed", "dep-failed")]
-    print(f"{len(results) - len(bad)}/{len(jobs)} jobs done or skipped; {n} evaluation rows in "
-          f"{os.path.join(args.out, 'results.csv')}")
+    print(
+        f"{len(results) - len(bad)}/{len(jobs)} jobs done or skipped; {n} evaluation rows in "
+        f"{os.path.join(args.out, 'results.csv')}"
+    )
     for r in bad:
         print(f"  {r['status']}: {r['name']} ({r['detail']})")
     return 1 if bad else 0

@@ -106,7 +106,8 @@ def is_made(ds_id: str) -> bool:
     import minari
 
     return ds_id in minari.list_local_datasets() and os.path.exists(
-        os.path.join(dataset_dir(ds_id), "behaviour_policy.pt"))
+        os.path.join(dataset_dir(ds_id), "behaviour_policy.pt")
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,17 +117,24 @@ def episode(i, obs, act, rew, term, trunc):
     from minari.data_collector.episode_buffer import EpisodeBuffer
 
     # np.array copies: the rollout reuses its per-env arrays for the next episode
-    return EpisodeBuffer(id=i, observations=np.array(obs, np.float64), actions=np.array(act, np.float32),
-                         rewards=np.array(rew, np.float64), terminations=np.array(term, bool),
-                         truncations=np.array(trunc, bool), infos={})
+    return EpisodeBuffer(
+        id=i,
+        observations=np.array(obs, np.float64),
+        actions=np.array(act, np.float32),
+        rewards=np.array(rew, np.float64),
+        terminations=np.array(term, bool),
+        truncations=np.array(trunc, bool),
+        infos={},
+    )
 
 
 def rollout(env_id: str, act_fn, n_steps: int, n_envs: int, seed: int):
     """Exactly n_steps transitions from n_envs envs stepped together. Returns (episodes, returns of
     the episodes that ended by themselves). Per-env episode arrays are filled with one fancy index
     per field per step; Python only touches an env when its episode ends."""
-    envs = gym.vector.SyncVectorEnv([lambda: gym.make(env_id) for _ in range(n_envs)],
-                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    envs = gym.vector.SyncVectorEnv(
+        [lambda: gym.make(env_id) for _ in range(n_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+    )
     T = envs.envs[0].spec.max_episode_steps
     obs, _ = envs.reset(seed=seed)
     rows, t = np.arange(n_envs), np.zeros(n_envs, dtype=np.int64)
@@ -149,8 +157,8 @@ def rollout(env_id: str, act_fn, n_steps: int, n_envs: int, seed: int):
         if last:  # drop the surplus of the final step; every unfinished episode is cut by the budget
             surplus = total - n_steps
             if surplus:
-                t[n_envs - surplus:] -= 1
-                done[n_envs - surplus:] = False
+                t[n_envs - surplus :] -= 1
+                done[n_envs - surplus :] = False
         for i in np.flatnonzero(done | last):
             n = t[i]
             if n == 0:
@@ -158,7 +166,7 @@ def rollout(env_id: str, act_fn, n_steps: int, n_envs: int, seed: int):
             cut = not done[i]
             tr = TR[i, :n].copy()
             tr[-1] |= cut
-            episodes.append(episode(len(episodes), O[i, :n + 1], A[i, :n], R[i, :n], TE[i, :n], tr))
+            episodes.append(episode(len(episodes), O[i, : n + 1], A[i, :n], R[i, :n], TE[i, :n], tr))
             if not cut:
                 returns.append(R[i, :n].sum())
             O[i, 0], t[i] = obs[i], 0
@@ -180,7 +188,7 @@ def replay_to_episodes(buf: dict):
         sl = slice(start, end + 1)
         tr = trunc[sl].copy()
         tr[-1] |= not term[end]  # cut by the snapshot -> truncated
-        o = np.concatenate([obs[sl], nxt[end:end + 1]])
+        o = np.concatenate([obs[sl], nxt[end : end + 1]])
         episodes.append(episode(len(episodes), o, buf["actions"].numpy()[sl], buf["rewards"].numpy()[sl], term[sl], tr))
         if term[end] or trunc[end]:
             returns.append(float(buf["rewards"].numpy()[sl].sum()))
@@ -193,8 +201,10 @@ def load_episodes(ds_id: str):
     import minari
 
     ds = minari.load_dataset(ds_id)
-    return [episode(None, ep.observations, ep.actions, ep.rewards, ep.terminations, ep.truncations)
-            for ep in ds.iterate_episodes()]
+    return [
+        episode(None, ep.observations, ep.actions, ep.rewards, ep.terminations, ep.truncations)
+        for ep in ds.iterate_episodes()
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,17 +214,24 @@ def permalink(args: Args) -> str:
     if args.code_permalink:
         return args.code_permalink
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                             capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except OSError:
         sha = ""
     return f"off2on make_dataset.py (git {sha or 'unknown'})"
 
 
-def write(args: Args, kind: str, episodes, actors: dict, info: dict, description: str,
-          algorithm: str = "", dims: tuple = ()) -> None:
-    import minari
+def write(
+    args: Args, kind: str, episodes, actors: dict, info: dict, description: str, algorithm: str = "", dims: tuple = ()
+) -> None:
     from dataclasses import replace
+
+    import minari
 
     ds_id = sac.local_dataset_id(args.env, kind)
     if ds_id in minari.list_local_datasets():  # an interrupted earlier write
@@ -224,22 +241,42 @@ def write(args: Args, kind: str, episodes, actors: dict, info: dict, description
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is set to None.*")
         minari.create_dataset_from_buffers(
-            ds_id, episodes, env=sac.ENVS[args.env], algorithm_name=algorithm or f"SAC ({kind}, baselines/sac.py)",
-            author=args.author, code_permalink=permalink(args), ref_min_score=lo, ref_max_score=hi,
-            description=description)
+            ds_id,
+            episodes,
+            env=sac.ENVS[args.env],
+            algorithm_name=algorithm or f"SAC ({kind}, baselines/sac.py)",
+            author=args.author,
+            code_permalink=permalink(args),
+            ref_min_score=lo,
+            ref_max_score=hi,
+            description=description,
+        )
     ref = next(iter(actors.values()))
     obs_dim, act_dim = dims or (ref["net.0.weight"].shape[1], ref["mu.weight"].shape[0])
-    sac.save_checkpoint({"format": "off2on-behaviour/1", "env": args.env, "kind": kind, "obs_dim": obs_dim,
-                         "act_dim": act_dim, "hidden": args.hidden, "actors": actors, **info},
-                        os.path.join(dataset_dir(ds_id), "behaviour_policy.pt"))
+    sac.save_checkpoint(
+        {
+            "format": "off2on-behaviour/1",
+            "env": args.env,
+            "kind": kind,
+            "obs_dim": obs_dim,
+            "act_dim": act_dim,
+            "hidden": args.hidden,
+            "actors": actors,
+            **info,
+        },
+        os.path.join(dataset_dir(ds_id), "behaviour_policy.pt"),
+    )
 
 
 def report(env: str, kind: str, episodes, returns, seconds: float) -> None:
     steps = sum(len(ep.rewards) for ep in episodes)
     mean = returns.mean() if len(returns) else float("nan")
-    print(f"{sac.local_dataset_id(env, kind)}: {steps} transitions, {len(episodes)} episodes, "
-          f"mean return {mean:.1f}, normalized score {float(sac.normalized_score(env, mean)):.1f}, "
-          f"made in {seconds / 60:.1f} min", flush=True)
+    print(
+        f"{sac.local_dataset_id(env, kind)}: {steps} transitions, {len(episodes)} episodes, "
+        f"mean return {mean:.1f}, normalized score {float(sac.normalized_score(env, mean)):.1f}, "
+        f"made in {seconds / 60:.1f} min",
+        flush=True,
+    )
 
 
 def ensemble_members(path: str, env: str, device: torch.device):
@@ -266,8 +303,10 @@ def ensemble_members(path: str, env: str, device: torch.device):
     return [member(i) for i in range(ck["members"])], ck
 
 
-RECIPE = ("D4RL recipe on Gymnasium MuJoCo v5, behaviour agent trained by off2on baselines/sac.py "
-          "(SAC, 2x256, Adam 3e-4, batch 256, tau 5e-3, gamma 0.99, auto-entropy). ")
+RECIPE = (
+    "D4RL recipe on Gymnasium MuJoCo v5, behaviour agent trained by off2on baselines/sac.py "
+    "(SAC, 2x256, Adam 3e-4, batch 256, tau 5e-3, gamma 0.99, auto-entropy). "
+)
 
 
 def main(args: Args) -> None:
@@ -276,8 +315,10 @@ def main(args: Args) -> None:
         if k not in (*ORDER, ROLLOUTS):
             raise sac.InputError(f"unknown kind {k!r}; choose from: {' '.join(ORDER)} {ROLLOUTS}")
     if ROLLOUTS in args.kinds and not args.policy:
-        raise sac.InputError(f"--kinds {ROLLOUTS} needs --policy <ensemble file>, e.g. the output of "
-                             "python off2on_cql_ensemble.py --import-official DIR --env halfcheetah --dataset medium")
+        raise sac.InputError(
+            f"--kinds {ROLLOUTS} needs --policy <ensemble file>, e.g. the output of "
+            "python off2on_cql_ensemble.py --import-official DIR --env halfcheetah --dataset medium"
+        )
     for name in ("n_steps", "sac_steps", "n_envs", "eval_every", "eval_episodes", "epoch_steps"):
         if getattr(args, name) <= 0:
             raise sac.InputError(f"--{name.replace('_', '-')} must be positive")
@@ -286,8 +327,10 @@ def main(args: Args) -> None:
     todo = [k for k in ORDER if k in want and not is_made(sac.local_dataset_id(args.env, k))]
     for k in ORDER:
         if k in want and k not in todo:
-            print(f"{sac.local_dataset_id(args.env, k)} exists, skipped "
-                  f"(`minari delete {sac.local_dataset_id(args.env, k)}` to remake it)")
+            print(
+                f"{sac.local_dataset_id(args.env, k)} exists, skipped "
+                f"(`minari delete {sac.local_dataset_id(args.env, k)}` to remake it)"
+            )
     if ROLLOUTS in args.kinds:
         make_policy_rollouts(args, env_id)
     if not todo:
@@ -303,9 +346,17 @@ def main(args: Args) -> None:
         t0 = time.time()
         sac.seed_everything(args.seed)
         actor = sac.Actor(obs_dim, act_dim, args.hidden).to(device)
-        eps, rets = rollout(env_id, sac.policy_fn(actor, device, deterministic=False), args.n_steps, args.n_envs, args.seed + 1)
-        write(args, "random", eps, {"random": actor.state_dict()}, {"sac_env_steps": 0, "eval_return": float("nan")},
-              RECIPE + f"random: {args.n_steps} steps of a randomly initialized SAC policy (sampled actions).")
+        eps, rets = rollout(
+            env_id, sac.policy_fn(actor, device, deterministic=False), args.n_steps, args.n_envs, args.seed + 1
+        )
+        write(
+            args,
+            "random",
+            eps,
+            {"random": actor.state_dict()},
+            {"sac_env_steps": 0, "eval_return": float("nan")},
+            RECIPE + f"random: {args.n_steps} steps of a randomly initialized SAC policy (sampled actions).",
+        )
         report(args.env, "random", eps, rets, time.time() - t0)
 
     snap_path = os.path.join(work, "medium_snapshot.pt")
@@ -316,32 +367,60 @@ def main(args: Args) -> None:
     thr = args.medium_fraction * sac.REF_RETURNS[args.env][1]
     if need_medium or need_expert:
         t0 = time.time()
-        sargs = sac.Args(seed=args.seed, device=args.device, track=args.track, wandb_project=args.wandb_project,
-                         run_dir=sac_dir, resume=os.path.exists(ckpt_path), env=args.env, online_steps=args.sac_steps,
-                         eval_every=args.eval_every, eval_episodes=args.eval_episodes,
-                         checkpoint_every=args.checkpoint_every, learning_starts=args.learning_starts,
-                         epoch_steps=args.epoch_steps, hidden=args.hidden, batch_size=args.batch_size)
+        sargs = sac.Args(
+            seed=args.seed,
+            device=args.device,
+            track=args.track,
+            wandb_project=args.wandb_project,
+            run_dir=sac_dir,
+            resume=os.path.exists(ckpt_path),
+            env=args.env,
+            online_steps=args.sac_steps,
+            eval_every=args.eval_every,
+            eval_episodes=args.eval_episodes,
+            checkpoint_every=args.checkpoint_every,
+            learning_starts=args.learning_starts,
+            epoch_steps=args.epoch_steps,
+            hidden=args.hidden,
+            batch_size=args.batch_size,
+        )
         print(f"SAC: medium threshold {thr:.1f} (eval return); budget {args.sac_steps} env steps", flush=True)
         gen = sac.train(sargs)
         for p in gen:
             ret = float(p.eval_returns.mean())
-            print(f"SAC {p.env_steps} env steps, {p.updates} updates: eval return {ret:.1f} "
-                  f"({time.time() - t0:.0f} s this run)", flush=True)
+            print(
+                f"SAC {p.env_steps} env steps, {p.updates} updates: eval return {ret:.1f} "
+                f"({time.time() - t0:.0f} s this run)",
+                flush=True,
+            )
             if not os.path.exists(snap_path) and ret >= thr:  # Progress.buffer holds every transition so far
                 if p.buffer.size < p.env_steps:
-                    raise sac.InputError("the SAC replay buffer wrapped before the medium snapshot; "
-                                         "medium-replay needs every transition")
-                sac.save_checkpoint({"actor": p.agent.actor.state_dict(), "env_steps": p.env_steps,
-                                     "eval_return": ret, "replay": p.buffer.state_dict()}, snap_path)
-                print(f"medium snapshot at {p.env_steps} env steps: eval return {ret:.1f} "
-                      f"({time.time() - t0:.0f} s of SAC this run)", flush=True)
+                    raise sac.InputError(
+                        "the SAC replay buffer wrapped before the medium snapshot; medium-replay needs every transition"
+                    )
+                sac.save_checkpoint(
+                    {
+                        "actor": p.agent.actor.state_dict(),
+                        "env_steps": p.env_steps,
+                        "eval_return": ret,
+                        "replay": p.buffer.state_dict(),
+                    },
+                    snap_path,
+                )
+                print(
+                    f"medium snapshot at {p.env_steps} env steps: eval return {ret:.1f} "
+                    f"({time.time() - t0:.0f} s of SAC this run)",
+                    flush=True,
+                )
             if os.path.exists(snap_path) and not need_expert:
                 break
         gen.close()  # writes a SAC checkpoint if stopped early
         print(f"SAC stage: {(time.time() - t0) / 60:.1f} min", flush=True)
     if ({"medium", "medium-replay"} & set(todo)) and not os.path.exists(snap_path):
-        raise sac.InputError(f"SAC reached --sac-steps {args.sac_steps} without an evaluation return >= {thr:.1f} "
-                             f"(1/3 of D4RL's expert return); raise --sac-steps")
+        raise sac.InputError(
+            f"SAC reached --sac-steps {args.sac_steps} without an evaluation return >= {thr:.1f} "
+            f"(1/3 of D4RL's expert return); raise --sac-steps"
+        )
 
     if {"medium", "medium-replay"} & set(todo):
         snap = torch.load(snap_path, map_location="cpu", weights_only=True)
@@ -352,17 +431,31 @@ def main(args: Args) -> None:
             torch.manual_seed(args.seed + 2)
             actor = sac.Actor(obs_dim, act_dim, args.hidden).to(device)
             actor.load_state_dict(snap["actor"])
-            eps, rets = rollout(env_id, sac.policy_fn(actor, device, args.deterministic), args.n_steps, args.n_envs, args.seed + 2)
-            write(args, "medium", eps, {"medium": snap["actor"]}, info, RECIPE +
-                  f"medium: {args.n_steps} steps ({rollout_kind}) of the first {where} reaching "
-                  f"{args.medium_fraction:.3f} of D4RL's expert return.")
+            eps, rets = rollout(
+                env_id, sac.policy_fn(actor, device, args.deterministic), args.n_steps, args.n_envs, args.seed + 2
+            )
+            write(
+                args,
+                "medium",
+                eps,
+                {"medium": snap["actor"]},
+                info,
+                RECIPE + f"medium: {args.n_steps} steps ({rollout_kind}) of the first {where} reaching "
+                f"{args.medium_fraction:.3f} of D4RL's expert return.",
+            )
             report(args.env, "medium", eps, rets, time.time() - t0)
         if "medium-replay" in todo:
             t0 = time.time()
             eps, rets = replay_to_episodes(snap["replay"])
-            write(args, "medium-replay", eps, {"medium": snap["actor"]}, info, RECIPE +
-                  f"medium-replay: every transition SAC saw until the medium {where}, including "
-                  f"{args.learning_starts} uniform-random warm-up steps; the last episode is cut (truncated).")
+            write(
+                args,
+                "medium-replay",
+                eps,
+                {"medium": snap["actor"]},
+                info,
+                RECIPE + f"medium-replay: every transition SAC saw until the medium {where}, including "
+                f"{args.learning_starts} uniform-random warm-up steps; the last episode is cut (truncated).",
+            )
             report(args.env, "medium-replay", eps, rets, time.time() - t0)
 
     if "expert" in todo:
@@ -373,22 +466,39 @@ def main(args: Args) -> None:
         torch.manual_seed(args.seed + 3)
         rows = open(os.path.join(sac_dir, "evals.csv")).read().splitlines()
         final_ret = float(rows[-1].split(",")[sac.EVAL_COLUMNS.index("return_mean")])
-        eps, rets = rollout(env_id, sac.policy_fn(actor, device, args.deterministic), args.n_steps, args.n_envs, args.seed + 3)
-        write(args, "expert", eps, {"expert": ck["actor"]}, {"sac_env_steps": ck["env_steps"], "eval_return": final_ret},
-              RECIPE + f"expert: {args.n_steps} steps ({rollout_kind}) of the final SAC policy after "
-              f"{ck['env_steps']} env steps (eval return {final_ret:.1f}).")
+        eps, rets = rollout(
+            env_id, sac.policy_fn(actor, device, args.deterministic), args.n_steps, args.n_envs, args.seed + 3
+        )
+        write(
+            args,
+            "expert",
+            eps,
+            {"expert": ck["actor"]},
+            {"sac_env_steps": ck["env_steps"], "eval_return": final_ret},
+            RECIPE + f"expert: {args.n_steps} steps ({rollout_kind}) of the final SAC policy after "
+            f"{ck['env_steps']} env steps (eval return {final_ret:.1f}).",
+        )
         report(args.env, "expert", eps, rets, time.time() - t0)
 
     if "medium-expert" in todo:
         t0 = time.time()
         eps = [load_episodes(sac.local_dataset_id(args.env, k)) for k in ("medium", "expert")]
-        pol = {k: torch.load(os.path.join(dataset_dir(sac.local_dataset_id(args.env, k)), "behaviour_policy.pt"),
-                             weights_only=True) for k in ("medium", "expert")}
+        pol = {
+            k: torch.load(
+                os.path.join(dataset_dir(sac.local_dataset_id(args.env, k)), "behaviour_policy.pt"), weights_only=True
+            )
+            for k in ("medium", "expert")
+        }
         T = gym.spec(env_id).max_episode_steps  # budget-cut episodes are the truncated ones shorter than T
         rets = np.array([ep.rewards.sum() for ep in eps[0] + eps[1] if ep.terminations[-1] or len(ep.rewards) == T])
-        write(args, "medium-expert", eps[0] + eps[1], {k: pol[k]["actors"][k] for k in pol},
-              {"sac_env_steps": pol["expert"]["sac_env_steps"], "eval_return": pol["expert"]["eval_return"]},
-              RECIPE + "medium-expert: the episodes of off2on medium and expert datasets together.")
+        write(
+            args,
+            "medium-expert",
+            eps[0] + eps[1],
+            {k: pol[k]["actors"][k] for k in pol},
+            {"sac_env_steps": pol["expert"]["sac_env_steps"], "eval_return": pol["expert"]["eval_return"]},
+            RECIPE + "medium-expert: the episodes of off2on medium and expert datasets together.",
+        )
         report(args.env, "medium-expert", eps[0] + eps[1], rets, time.time() - t0)
 
 
@@ -409,15 +519,24 @@ def make_policy_rollouts(args: Args, env_id: str) -> None:
         episodes += eps
         returns.append(rets)
     returns = np.concatenate(returns)
-    write(args, ROLLOUTS, episodes, {"ensemble": ck["actor"]},
-          {"sac_env_steps": 0, "eval_return": float(returns.mean()) if len(returns) else float("nan"),
-           "policy_file": os.path.abspath(args.policy)},
-          f"policy-rollouts: {args.n_steps} steps of the {k} members of the off2on ensemble file "
-          f"{os.path.basename(args.policy)} (trained on {ck.get('dataset')!r}, {ck.get('updates')} updates), "
-          f"{sizes[0]} steps per member, {args.n_envs} envs, actions sampled from each member's own "
-          "tanh-Gaussian policy (tanh(mu + sigma eps)). Time-limit ends are truncations, falls terminations; "
-          "each member's last episodes are cut by its budget (truncated).",
-          algorithm=f"off2on ensemble members ({os.path.basename(args.policy)})", dims=(ck["obs_dim"], ck["act_dim"]))
+    write(
+        args,
+        ROLLOUTS,
+        episodes,
+        {"ensemble": ck["actor"]},
+        {
+            "sac_env_steps": 0,
+            "eval_return": float(returns.mean()) if len(returns) else float("nan"),
+            "policy_file": os.path.abspath(args.policy),
+        },
+        f"policy-rollouts: {args.n_steps} steps of the {k} members of the off2on ensemble file "
+        f"{os.path.basename(args.policy)} (trained on {ck.get('dataset')!r}, {ck.get('updates')} updates), "
+        f"{sizes[0]} steps per member, {args.n_envs} envs, actions sampled from each member's own "
+        "tanh-Gaussian policy (tanh(mu + sigma eps)). Time-limit ends are truncations, falls terminations; "
+        "each member's last episodes are cut by its budget (truncated).",
+        algorithm=f"off2on ensemble members ({os.path.basename(args.policy)})",
+        dims=(ck["obs_dim"], ck["act_dim"]),
+    )
     report(args.env, ROLLOUTS, episodes, returns, time.time() - t0)
 
 

@@ -27,10 +27,25 @@ VectorizedLinear stores weight [E, in, out], bias [E, 1, out]. The run's checkpo
 (python/numpy/torch/cuda RNG states) and args (dict): all an exact --resume needs.
 """
 
-import copy, ctypes, dataclasses, glob, json, math, os, random, re, sys, time
+import copy
+import ctypes
+import dataclasses
+import glob
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
 from dataclasses import dataclass
 
-import gymnasium as gym, numpy as np, torch, torch.nn as nn, torch.nn.functional as F, tyro
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
 from tqdm import tqdm
 
 SCRIPT = "cql_ensemble"
@@ -160,15 +175,12 @@ def load_dataset(env: str, dataset: str) -> dict:
         ds_id = local_dataset_id(env, dataset)
         if ds_id not in minari.list_local_datasets():
             raise InputError(
-                f"no local dataset {ds_id}; make it with: "
-                f"python make_dataset.py --env {env} --kinds {dataset}"
+                f"no local dataset {ds_id}; make it with: python make_dataset.py --env {env} --kinds {dataset}"
             )
     elif "/" in dataset:
         ds_id = dataset
     else:
-        raise InputError(
-            f"unknown dataset {dataset!r}; use one of {', '.join(KINDS)}, a Minari id, or a .hdf5 path"
-        )
+        raise InputError(f"unknown dataset {dataset!r}; use one of {', '.join(KINDS)}, a Minari id, or a .hdf5 path")
     try:
         ds = minari.load_dataset(ds_id, download=True)
     except Exception as e:  # no hub, unknown id, corrupt files: one line, not a traceback
@@ -259,8 +271,9 @@ class EnsembleActor(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, n: int, hidden: int = 256):
         super().__init__()
-        self.net = nn.Sequential(VectorizedLinear(obs_dim, hidden, n), nn.ReLU(),
-                                 VectorizedLinear(hidden, hidden, n), nn.ReLU())
+        self.net = nn.Sequential(
+            VectorizedLinear(obs_dim, hidden, n), nn.ReLU(), VectorizedLinear(hidden, hidden, n), nn.ReLU()
+        )
         self.mu = VectorizedLinear(hidden, act_dim, n)
         self.log_std = VectorizedLinear(hidden, act_dim, n)
 
@@ -275,9 +288,13 @@ class EnsembleCritic(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, n: int, hidden: int = 256):
         super().__init__()
-        self.net = nn.Sequential(VectorizedLinear(obs_dim + act_dim, hidden, 2 * n), nn.ReLU(),
-                                 VectorizedLinear(hidden, hidden, 2 * n), nn.ReLU(),
-                                 VectorizedLinear(hidden, 1, 2 * n))
+        self.net = nn.Sequential(
+            VectorizedLinear(obs_dim + act_dim, hidden, 2 * n),
+            nn.ReLU(),
+            VectorizedLinear(hidden, hidden, 2 * n),
+            nn.ReLU(),
+            VectorizedLinear(hidden, 1, 2 * n),
+        )
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([obs, act], -1)).squeeze(-1)
@@ -358,15 +375,29 @@ def losses(agent: Agent, b: dict, bc: bool, args: Args):
 
     # Q(s, .) of every critic at 1 + 3K actions per state in one batched call [2N, B * (1+3K), obs+act]:
     # the dataset action, K uniform actions, K from pi(.|s) and K from pi(.|s') (all at the state s)
-    a_all = torch.cat([b["actions"].unsqueeze(2), torch.rand_like(cql_act[:, :batch]) * 2 - 1,
-                       cql_act[:, :batch], cql_act[:, batch:]], 2).repeat(2, 1, 1, 1)
+    a_all = torch.cat(
+        [
+            b["actions"].unsqueeze(2),
+            torch.rand_like(cql_act[:, :batch]) * 2 - 1,
+            cql_act[:, :batch],
+            cql_act[:, batch:],
+        ],
+        2,
+    ).repeat(2, 1, 1, 1)
     s_all = obs2.unsqueeze(2).expand(-1, -1, 1 + 3 * k, -1)
-    q = agent.critic(s_all.reshape(2 * n, -1, agent.obs_dim),
-                     a_all.reshape(2 * n, -1, act_dim)).view(2 * n, batch, 1 + 3 * k)
+    q = agent.critic(s_all.reshape(2 * n, -1, agent.obs_dim), a_all.reshape(2 * n, -1, act_dim)).view(
+        2 * n, batch, 1 + 3 * k
+    )
     q_data = q[..., 0]
-    lse = cql_logsumexp(q[..., 1:1 + k], q[..., 1 + k:1 + 2 * k], q[..., 1 + 2 * k:],
-                        cql_logp[:, :batch].repeat(2, 1, 1), cql_logp[:, batch:].repeat(2, 1, 1),
-                        act_dim, args.cql_temp)  # [2N, B]
+    lse = cql_logsumexp(
+        q[..., 1 : 1 + k],
+        q[..., 1 + k : 1 + 2 * k],
+        q[..., 1 + 2 * k :],
+        cql_logp[:, :batch].repeat(2, 1, 1),
+        cql_logp[:, batch:].repeat(2, 1, 1),
+        act_dim,
+        args.cql_temp,
+    )  # [2N, B]
     # critic loss, CQL(H) (CQL paper Eq. 4): alpha' (E_s[log sum_a exp Q(s,a)] - E_(s,a)~D[Q(s,a)])
     # + E_D[(Q(s,a) - y)^2] (SAC Eq. 5; mean squared error without the 1/2, as rlkit)
     td = ((q_data - y) ** 2).mean(1)  # [2N]
@@ -385,9 +416,16 @@ def losses(agent: Agent, b: dict, bc: bool, args: Args):
     # temperature loss (SAC Eq. 18): E_s[-log alpha (log pi(a~|s) + target entropy)]
     alpha_loss = -(agent.log_alpha[:, None] * (logp_pi.detach() + agent.target_entropy)).mean(1).sum()
 
-    metrics = {"losses/critic_td": td.mean(), "losses/cql": cql.mean(), "losses/actor": actor_loss / n,
-               "losses/alpha": alpha_loss / n, "charts/alpha": alpha.mean(), "charts/q_data": q_data.mean(),
-               "charts/cql_logsumexp": lse.mean(), "charts/entropy": -logp_pi.mean()}
+    metrics = {
+        "losses/critic_td": td.mean(),
+        "losses/cql": cql.mean(),
+        "losses/actor": actor_loss / n,
+        "losses/alpha": alpha_loss / n,
+        "charts/alpha": alpha.mean(),
+        "charts/q_data": q_data.mean(),
+        "charts/cql_logsumexp": lse.mean(),
+        "charts/entropy": -logp_pi.mean(),
+    }
     return critic_loss + actor_loss + alpha_loss, {k: v.detach() for k, v in metrics.items()}
 
 
@@ -421,8 +459,16 @@ def update(agent: Agent, b: dict, bc: bool, args: Args, loss_fn=losses) -> dict:
 # Run directory, logging, checkpoints, evaluation.
 # This section is identical in every algorithm script (tests/test_common_sections.py checks it).
 # =====================================================================================
-EVAL_COLUMNS = ("phase", "updates", "env_steps", "policy", "return_mean", "return_std",
-                "normalized_score", "wall_time_s")
+EVAL_COLUMNS = (
+    "phase",
+    "updates",
+    "env_steps",
+    "policy",
+    "return_mean",
+    "return_std",
+    "normalized_score",
+    "wall_time_s",
+)
 
 
 def pick_device(name: str) -> torch.device:
@@ -444,10 +490,12 @@ def seed_everything(seed: int) -> None:
 def rng_state() -> dict:
     # numpy's key array goes in as a tensor: torch.load(weights_only=True) refuses numpy arrays
     kind, key, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(),
-            "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def set_rng_state(s: dict) -> None:
@@ -479,9 +527,14 @@ class Logger:
         if args.track:
             import wandb
 
-            self.wandb = wandb.init(project=args.wandb_project, config=dataclasses.asdict(args),
-                                    name=os.path.basename(run_dir), dir=run_dir, resume="allow",
-                                    id=f"{script}-{os.path.basename(run_dir)}".replace("/", "_")[-128:])
+            self.wandb = wandb.init(
+                project=args.wandb_project,
+                config=dataclasses.asdict(args),
+                name=os.path.basename(run_dir),
+                dir=run_dir,
+                resume="allow",
+                id=f"{script}-{os.path.basename(run_dir)}".replace("/", "_")[-128:],
+            )
         self.start = time.time()
 
     def scalars(self, metrics: dict, step: int) -> None:
@@ -492,16 +545,24 @@ class Logger:
         if self.wandb is not None:
             self.wandb.log(vals, step=step)
 
-    def eval_row(self, phase: str, updates: int, env_steps: int, policy: str,
-                 returns, env: str, step: int) -> float:
+    def eval_row(self, phase: str, updates: int, env_steps: int, policy: str, returns, env: str, step: int) -> float:
         r = np.asarray(returns, dtype=np.float64)
         score = float(normalized_score(env, r.mean()))
-        row = (phase, updates, env_steps, policy, f"{r.mean():.3f}", f"{r.std():.3f}",
-               f"{score:.3f}", f"{time.time() - self.start:.1f}")
+        row = (
+            phase,
+            updates,
+            env_steps,
+            policy,
+            f"{r.mean():.3f}",
+            f"{r.std():.3f}",
+            f"{score:.3f}",
+            f"{time.time() - self.start:.1f}",
+        )
         with open(self.csv_path, "a") as f:
             f.write(",".join(str(x) for x in row) + "\n")
-        self.scalars({f"{phase}/eval_{policy}/return": r.mean(), f"{phase}/eval_{policy}/normalized_score": score},
-                     step)
+        self.scalars(
+            {f"{phase}/eval_{policy}/return": r.mean(), f"{phase}/eval_{policy}/normalized_score": score}, step
+        )
         return score
 
     def train_row(self, row: dict) -> None:
@@ -520,8 +581,9 @@ class Logger:
 
 
 def default_run_dir(args, script: str) -> str:
-    return os.path.join("runs", f"{args.env}__{dataset_slug(args.dataset)}__{script}"
-                                f"__seed{args.seed}__{int(time.time())}")
+    return os.path.join(
+        "runs", f"{args.env}__{dataset_slug(args.dataset)}__{script}__seed{args.seed}__{int(time.time())}"
+    )
 
 
 def save_checkpoint(obj: dict, path: str) -> None:
@@ -544,8 +606,9 @@ def load_checkpoint(path: str, make_cmd: str) -> dict:
 
 def evaluate(env_name: str, act_fn, episodes: int, seed: int) -> np.ndarray:
     """Returns of `episodes` deterministic episodes; act_fn maps an obs batch [n, obs] -> actions."""
-    envs = gym.vector.SyncVectorEnv([lambda: gym.make(ENVS[env_name]) for _ in range(episodes)],
-                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    envs = gym.vector.SyncVectorEnv(
+        [lambda: gym.make(ENVS[env_name]) for _ in range(episodes)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+    )
     obs, _ = envs.reset(seed=seed)
     returns, done = np.zeros(episodes), np.zeros(episodes, dtype=bool)
     while not done.all():
@@ -603,17 +666,31 @@ def eval_policies(actor: EnsembleActor, env: str, episodes: int, seed: int) -> d
 
 def ensemble_dict(agent: Agent, env: str, dataset: str, updates: int) -> dict:
     """The ensemble file of the module docstring."""
-    return {"format": FORMAT, "env": env, "dataset": dataset, "obs_dim": agent.obs_dim,
-            "act_dim": agent.act_dim, "members": agent.n, "hidden": agent.hidden,
-            "actor": agent.actor.state_dict(), "critic": agent.critic.state_dict(),
-            "critic_target": agent.critic_target.state_dict(),
-            "log_alpha": agent.log_alpha.detach().clone(), "updates": int(updates)}
+    return {
+        "format": FORMAT,
+        "env": env,
+        "dataset": dataset,
+        "obs_dim": agent.obs_dim,
+        "act_dim": agent.act_dim,
+        "members": agent.n,
+        "hidden": agent.hidden,
+        "actor": agent.actor.state_dict(),
+        "critic": agent.critic.state_dict(),
+        "critic_target": agent.critic_target.state_dict(),
+        "log_alpha": agent.log_alpha.detach().clone(),
+        "updates": int(updates),
+    }
 
 
 def checkpoint_dict(agent: Agent, args: Args, updates: int) -> dict:
-    return {**ensemble_dict(agent, args.env, args.dataset, updates),
-            "actor_opt": agent.actor_opt.state_dict(), "critic_opt": agent.critic_opt.state_dict(),
-            "alpha_opt": agent.alpha_opt.state_dict(), "rng": rng_state(), "args": dataclasses.asdict(args)}
+    return {
+        **ensemble_dict(agent, args.env, args.dataset, updates),
+        "actor_opt": agent.actor_opt.state_dict(),
+        "critic_opt": agent.critic_opt.state_dict(),
+        "alpha_opt": agent.alpha_opt.state_dict(),
+        "rng": rng_state(),
+        "args": dataclasses.asdict(args),
+    }
 
 
 def check_ensemble(ckpt, path: str, need: dict) -> None:
@@ -623,8 +700,10 @@ def check_ensemble(ckpt, path: str, need: dict) -> None:
         raise InputError(f"{path} is not an off2on CQL-ensemble checkpoint (format {got!r}, not {FORMAT!r})")
     for key, want in need.items():
         if ckpt.get(key) != want:
-            raise InputError(f"{path} has {key}={ckpt.get(key)} (made for {ckpt.get('env')}/"
-                             f"{ckpt.get('dataset')}) but this run needs {key}={want}; use one made for this env")
+            raise InputError(
+                f"{path} has {key}={ckpt.get(key)} (made for {ckpt.get('env')}/"
+                f"{ckpt.get('dataset')}) but this run needs {key}={want}; use one made for this env"
+            )
 
 
 def load_agent(agent: Agent, ckpt: dict, path: str, optimizers: bool) -> None:
@@ -655,8 +734,10 @@ def import_official(args: Args) -> str:
     step_of = lambda p: int(re.findall(r"\d+", os.path.basename(p))[-1])
     seeds = sorted(glob.glob(os.path.join(args.import_official, "seed*")), key=step_of)
     if not seeds:
-        raise InputError(f"no seed*/ folders in {args.import_official}; expected the layout of "
-                         "../shared/official-cql-checkpoints/README.md")
+        raise InputError(
+            f"no seed*/ folders in {args.import_official}; expected the layout of "
+            "../shared/official-cql-checkpoints/README.md"
+        )
     parts, updates = {"actor": [], "critic1": [], "critic2": []}, 0
     for folder in seeds:
         for part, sds in parts.items():
@@ -668,31 +749,42 @@ def import_official(args: Args) -> str:
 
     def stack(sds: list, name: str) -> dict:  # N rlkit Linear layers -> one VectorizedLinear
         try:
-            return {"weight": torch.stack([sd[f"{name}.weight"].t() for sd in sds]),
-                    "bias": torch.stack([sd[f"{name}.bias"] for sd in sds]).unsqueeze(1)}
+            return {
+                "weight": torch.stack([sd[f"{name}.weight"].t() for sd in sds]),
+                "bias": torch.stack([sd[f"{name}.bias"] for sd in sds]).unsqueeze(1),
+            }
         except (KeyError, RuntimeError, TypeError) as e:
             raise InputError(f"{args.import_official}: not rlkit state dicts with layer {name} ({e})") from e
 
     layers = lambda sds, names: {f"{new}.{k}": v for new, old in names for k, v in stack(sds, old).items()}
-    actor = layers(parts["actor"], [("net.0", "fc0"), ("net.2", "fc1"), ("mu", "last_fc"),
-                                    ("log_std", "last_fc_log_std")])
+    actor = layers(
+        parts["actor"], [("net.0", "fc0"), ("net.2", "fc1"), ("mu", "last_fc"), ("log_std", "last_fc_log_std")]
+    )
     critic = layers(parts["critic1"] + parts["critic2"], [("net.0", "fc0"), ("net.2", "fc1"), ("net.4", "last_fc")])
     n, hidden = len(seeds), actor["net.0.weight"].shape[2]
     obs_dim, act_dim = actor["net.0.weight"].shape[1], actor["mu.weight"].shape[2]
     if (obs_dim, act_dim) != env_dims(args.env):
-        raise InputError(f"the agents in {args.import_official} have obs/action dims {obs_dim}/{act_dim} but "
-                         f"{ENVS[args.env]} has {'/'.join(map(str, env_dims(args.env)))}; pass their --env")
+        raise InputError(
+            f"the agents in {args.import_official} have obs/action dims {obs_dim}/{act_dim} but "
+            f"{ENVS[args.env]} has {'/'.join(map(str, env_dims(args.env)))}; pass their --env"
+        )
     agent = Agent(obs_dim, act_dim, n, hidden, args, "cpu")
-    load_agent(agent, {"actor": actor, "critic": critic, "critic_target": critic, "log_alpha": torch.zeros(n)},
-               args.import_official, optimizers=False)
+    load_agent(
+        agent,
+        {"actor": actor, "critic": critic, "critic_target": critic, "log_alpha": torch.zeros(n)},
+        args.import_official,
+        optimizers=False,
+    )
     path = args.export_path or os.path.join(
-        "checkpoints", f"{args.env}__{dataset_slug(args.dataset)}__{SCRIPT}__official.pt")
+        "checkpoints", f"{args.env}__{dataset_slug(args.dataset)}__{SCRIPT}__official.pt"
+    )
     save_checkpoint(ensemble_dict(agent, args.env, args.dataset, updates), path)
     print(f"imported {n} agents ({', '.join(map(os.path.basename, seeds))}) -> {path}")
     if args.eval_episodes > 0:
         for name, r in eval_policies(agent.actor, args.env, args.eval_episodes, eval_seed(args.seed, 0)).items():
-            print(f"{name}: return {r.mean():.1f} +- {r.std():.1f}, "
-                  f"normalized {normalized_score(args.env, r.mean()):.1f}")
+            print(
+                f"{name}: return {r.mean():.1f} +- {r.std():.1f}, normalized {normalized_score(args.env, r.mean()):.1f}"
+            )
     return path
 
 
@@ -722,8 +814,10 @@ def main(args: Args) -> str:
     obs_dim, act_dim = env_dims(args.env)
     data = load_dataset(args.env, args.dataset)
     if data["observations"].shape[1] != obs_dim or data["actions"].shape[1] != act_dim:
-        raise InputError(f"dataset {args.dataset} has obs/action dims {data['observations'].shape[1]}/"
-                         f"{data['actions'].shape[1]} but {ENVS[args.env]} has {obs_dim}/{act_dim}")
+        raise InputError(
+            f"dataset {args.dataset} has obs/action dims {data['observations'].shape[1]}/"
+            f"{data['actions'].shape[1]} but {ENVS[args.env]} has {obs_dim}/{act_dim}"
+        )
     seed_everything(args.seed)
     agent = Agent(obs_dim, act_dim, args.members, args.hidden, args, device)
     data = {k: torch.as_tensor(v, device=device) for k, v in data.items()}
@@ -740,13 +834,19 @@ def main(args: Args) -> str:
     args = dataclasses.replace(args, run_dir=run_dir)
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     export_path = args.export_path or os.path.join(
-        "checkpoints", f"{args.env}__{dataset_slug(args.dataset)}__{SCRIPT}__seed{args.seed}.pt")
+        "checkpoints", f"{args.env}__{dataset_slug(args.dataset)}__{SCRIPT}__seed{args.seed}.pt"
+    )
     logger = Logger(args, run_dir, SCRIPT)
     print(f"run dir: {run_dir}\ncheckpoint: {ckpt_path}\nensemble file (at the end): {export_path}")
     loss_fn = torch.compile(losses) if args.compile else losses
     t0, since = time.time(), start
-    bar = tqdm(range(start, args.offline_updates), initial=start, total=args.offline_updates,
-               desc=f"cql_ensemble N={args.members}", mininterval=2.0)
+    bar = tqdm(
+        range(start, args.offline_updates),
+        initial=start,
+        total=args.offline_updates,
+        desc=f"cql_ensemble N={args.members}",
+        mininterval=2.0,
+    )
     for step in bar:
         metrics = update(agent, sample(data, args.members, args.batch_size), step < args.bc_steps, args, loss_fn)
         updates = step + 1

@@ -140,15 +140,12 @@ def load_dataset(env: str, dataset: str) -> dict:
         ds_id = local_dataset_id(env, dataset)
         if ds_id not in minari.list_local_datasets():
             raise InputError(
-                f"no local dataset {ds_id}; make it with: "
-                f"python make_dataset.py --env {env} --kinds {dataset}"
+                f"no local dataset {ds_id}; make it with: python make_dataset.py --env {env} --kinds {dataset}"
             )
     elif "/" in dataset:
         ds_id = dataset
     else:
-        raise InputError(
-            f"unknown dataset {dataset!r}; use one of {', '.join(KINDS)}, a Minari id, or a .hdf5 path"
-        )
+        raise InputError(f"unknown dataset {dataset!r}; use one of {', '.join(KINDS)}, a Minari id, or a .hdf5 path")
     try:
         ds = minari.load_dataset(ds_id, download=True)
     except Exception as e:  # no hub, unknown id, corrupt files: one line, not a traceback
@@ -244,8 +241,18 @@ class Replay:
     def __init__(self, data: dict, online_capacity: int, device: torch.device, init_online_fraction: float):
         d, self.M, self.n_online, self.device = data, len(data["rewards"]), 0, device
         self.obs_dim, self.act_dim = d["observations"].shape[1], d["actions"].shape[1]
-        rows = torch.from_numpy(np.concatenate([d["observations"], d["actions"], d["rewards"][:, None],
-                                                d["next_observations"], d["terminals"][:, None]], 1))
+        rows = torch.from_numpy(
+            np.concatenate(
+                [
+                    d["observations"],
+                    d["actions"],
+                    d["rewards"][:, None],
+                    d["next_observations"],
+                    d["terminals"][:, None],
+                ],
+                1,
+            )
+        )
         rows = rows.to(device, torch.float32)
         self.rows = torch.cat([rows, rows.new_zeros(online_capacity, rows.shape[1])])
         self.tree = SumTree(self.M + online_capacity)
@@ -256,13 +263,13 @@ class Replay:
 
     def add_online(self, rows: np.ndarray) -> None:
         i = self.M + self.n_online
-        self.rows[i:i + len(rows)] = torch.from_numpy(rows).to(self.device)
+        self.rows[i : i + len(rows)] = torch.from_numpy(rows).to(self.device)
         self.tree.update(np.arange(i, i + len(rows)), np.full(len(rows), self.max_priority))
         self.n_online += len(rows)
 
     def split(self, rows: torch.Tensor):  # -> s, a, r, s', d (views; r and d are [B])
         o, a = self.obs_dim, self.act_dim
-        return rows[:, :o], rows[:, o:o + a], rows[:, o + a], rows[:, o + a + 1:-1], rows[:, -1]
+        return rows[:, :o], rows[:, o : o + a], rows[:, o + a], rows[:, o + a + 1 : -1], rows[:, -1]
 
     def uniform(self, lo: int, hi: int, n: int) -> torch.Tensor:
         return self.rows[torch.randint(lo, hi, (n,), device=self.device)]
@@ -303,8 +310,9 @@ class EnsembleActor(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, n: int, hidden: int = 256):
         super().__init__()
-        self.net = nn.Sequential(VectorizedLinear(obs_dim, hidden, n), nn.ReLU(),
-                                 VectorizedLinear(hidden, hidden, n), nn.ReLU())
+        self.net = nn.Sequential(
+            VectorizedLinear(obs_dim, hidden, n), nn.ReLU(), VectorizedLinear(hidden, hidden, n), nn.ReLU()
+        )
         self.mu = VectorizedLinear(hidden, act_dim, n)
         self.log_std = VectorizedLinear(hidden, act_dim, n)
 
@@ -319,9 +327,13 @@ class EnsembleCritic(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, n: int, hidden: int = 256):
         super().__init__()
-        self.net = nn.Sequential(VectorizedLinear(obs_dim + act_dim, hidden, 2 * n), nn.ReLU(),
-                                 VectorizedLinear(hidden, hidden, 2 * n), nn.ReLU(),
-                                 VectorizedLinear(hidden, 1, 2 * n))
+        self.net = nn.Sequential(
+            VectorizedLinear(obs_dim + act_dim, hidden, 2 * n),
+            nn.ReLU(),
+            VectorizedLinear(hidden, hidden, 2 * n),
+            nn.ReLU(),
+            VectorizedLinear(hidden, 1, 2 * n),
+        )
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([obs, act], -1)).squeeze(-1)
@@ -336,8 +348,9 @@ def density_ratio_net(in_dim: int, hidden: int = 256) -> nn.Sequential:
     U(-1/sqrt(fan), 1/sqrt(fan)) with rlkit's fanin_init, which reads the fan from dim 0 of the [out, in]
     weight, i.e. out_features; hidden biases 0; last weights U(-3e-3, 3e-3); last bias 1. So w = 1.000 +- 0.003
     everywhere before training and the first priorities are all about 1."""
-    net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                        nn.Linear(hidden, 1), nn.ReLU())
+    net = nn.Sequential(
+        nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1), nn.ReLU()
+    )
     for layer in (net[0], net[2]):
         bound = 1.0 / math.sqrt(layer.weight.shape[0])
         nn.init.uniform_(layer.weight, -bound, bound)
@@ -401,8 +414,13 @@ def sac_losses(actor, critic, critic_target, log_alpha, batch, n: int, gamma: fl
     actor_loss = (alpha * logp_pi - torch.min(q_pi[:n], q_pi[n:]).mean(0)).mean()
     # temperature loss: -log alpha (log pi + target entropy), target entropy -|A|
     alpha_loss = -(log_alpha * (logp_pi.detach() + target_entropy)).mean()
-    stats = {"critic_loss": critic_loss.detach(), "actor_loss": actor_loss.detach(), "alpha": alpha,
-             "q_mean": q.detach().mean(), "entropy": -logp_pi.detach().mean()}
+    stats = {
+        "critic_loss": critic_loss.detach(),
+        "actor_loss": actor_loss.detach(),
+        "alpha": alpha,
+        "q_mean": q.detach().mean(),
+        "entropy": -logp_pi.detach().mean(),
+    }
     return critic_loss, actor_loss, alpha_loss, stats
 
 
@@ -416,8 +434,15 @@ def make_learner(actor: EnsembleActor, critic: EnsembleCritic, lr: float) -> Lea
     log_alpha = torch.zeros((), device=critic.net[0].weight.device, requires_grad=True)
     ratio = density_ratio_net(critic.net[0].weight.shape[1]).to(log_alpha.device)  # input (s, a) like the critics
     sac_params = [*actor.parameters(), *critic.parameters(), log_alpha]
-    return Learner(actor, critic, critic_target, log_alpha, ratio, torch.optim.Adam(sac_params, lr=lr, fused=True),
-                   torch.optim.Adam(ratio.parameters(), lr=lr, fused=True))
+    return Learner(
+        actor,
+        critic,
+        critic_target,
+        log_alpha,
+        ratio,
+        torch.optim.Adam(sac_params, lr=lr, fused=True),
+        torch.optim.Adam(ratio.parameters(), lr=lr, fused=True),
+    )
 
 
 def train_step(lr: Learner, buf: Replay, args) -> dict:
@@ -430,21 +455,27 @@ def train_step(lr: Learner, buf: Replay, args) -> dict:
         x_off = buf.uniform(0, buf.M, args.batch_size)[:, :na]
         x_on = buf.uniform(buf.M, buf.M + buf.n_online, args.batch_size)[:, :na]
         w = lr.ratio(torch.cat([x_off, x_on])).squeeze(-1)
-        loss = ratio_loss(w[:len(x_off)], w[len(x_off):])
+        loss = ratio_loss(w[: len(x_off)], w[len(x_off) :])
         lr.ratio_opt.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():  # priorities from the net before its step, as the authors do
-            prio = priorities(lr.ratio(rows[:, :na]).squeeze(-1), w[:len(x_off)], args.temperature, *args.priority_clip)
+            prio = priorities(
+                lr.ratio(rows[:, :na]).squeeze(-1), w[: len(x_off)], args.temperature, *args.priority_clip
+            )
         lr.ratio_opt.step()
         prio = prio.cpu().numpy()
         buf.tree.update(idx, prio)
         buf.max_priority = max(buf.max_priority, float(prio.max()))  # running max, for new online rows
-        stats = {"ratio_loss": loss.detach(), "w_offline_mean": w[: len(x_off)].detach().mean(),
-                 "w_online_mean": w[len(x_off) :].detach().mean()}
+        stats = {
+            "ratio_loss": loss.detach(),
+            "w_offline_mean": w[: len(x_off)].detach().mean(),
+            "w_online_mean": w[len(x_off) :].detach().mean(),
+        }
     stats["online_fraction"] = (idx >= buf.M).mean() if args.replay == "balanced" else (idx >= buf.M).float().mean()
     n, act_dim = lr.actor.mu.weight.shape[0], lr.actor.mu.weight.shape[2]
-    critic_loss, actor_loss, alpha_loss, sac_stats = sac_losses(lr.actor, lr.critic, lr.critic_target, lr.log_alpha,
-                                                                buf.split(rows), n, args.gamma, -float(act_dim))
+    critic_loss, actor_loss, alpha_loss, sac_stats = sac_losses(
+        lr.actor, lr.critic, lr.critic_target, lr.log_alpha, buf.split(rows), n, args.gamma, -float(act_dim)
+    )
     lr.sac_opt.zero_grad(set_to_none=True)
     (critic_loss + actor_loss + alpha_loss).backward()  # each loss reaches only its own parameters
     lr.sac_opt.step()
@@ -458,8 +489,16 @@ def train_step(lr: Learner, buf: Replay, args) -> dict:
 # Run directory, logging, checkpoints, evaluation.
 # This section is identical in every algorithm script (tests/test_common_sections.py checks it).
 # =====================================================================================
-EVAL_COLUMNS = ("phase", "updates", "env_steps", "policy", "return_mean", "return_std",
-                "normalized_score", "wall_time_s")
+EVAL_COLUMNS = (
+    "phase",
+    "updates",
+    "env_steps",
+    "policy",
+    "return_mean",
+    "return_std",
+    "normalized_score",
+    "wall_time_s",
+)
 
 
 def pick_device(name: str) -> torch.device:
@@ -481,10 +520,12 @@ def seed_everything(seed: int) -> None:
 def rng_state() -> dict:
     # numpy's key array goes in as a tensor: torch.load(weights_only=True) refuses numpy arrays
     kind, key, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(),
-            "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def set_rng_state(s: dict) -> None:
@@ -516,9 +557,14 @@ class Logger:
         if args.track:
             import wandb
 
-            self.wandb = wandb.init(project=args.wandb_project, config=dataclasses.asdict(args),
-                                    name=os.path.basename(run_dir), dir=run_dir, resume="allow",
-                                    id=f"{script}-{os.path.basename(run_dir)}".replace("/", "_")[-128:])
+            self.wandb = wandb.init(
+                project=args.wandb_project,
+                config=dataclasses.asdict(args),
+                name=os.path.basename(run_dir),
+                dir=run_dir,
+                resume="allow",
+                id=f"{script}-{os.path.basename(run_dir)}".replace("/", "_")[-128:],
+            )
         self.start = time.time()
 
     def scalars(self, metrics: dict, step: int) -> None:
@@ -529,16 +575,24 @@ class Logger:
         if self.wandb is not None:
             self.wandb.log(vals, step=step)
 
-    def eval_row(self, phase: str, updates: int, env_steps: int, policy: str,
-                 returns, env: str, step: int) -> float:
+    def eval_row(self, phase: str, updates: int, env_steps: int, policy: str, returns, env: str, step: int) -> float:
         r = np.asarray(returns, dtype=np.float64)
         score = float(normalized_score(env, r.mean()))
-        row = (phase, updates, env_steps, policy, f"{r.mean():.3f}", f"{r.std():.3f}",
-               f"{score:.3f}", f"{time.time() - self.start:.1f}")
+        row = (
+            phase,
+            updates,
+            env_steps,
+            policy,
+            f"{r.mean():.3f}",
+            f"{r.std():.3f}",
+            f"{score:.3f}",
+            f"{time.time() - self.start:.1f}",
+        )
         with open(self.csv_path, "a") as f:
             f.write(",".join(str(x) for x in row) + "\n")
-        self.scalars({f"{phase}/eval_{policy}/return": r.mean(), f"{phase}/eval_{policy}/normalized_score": score},
-                     step)
+        self.scalars(
+            {f"{phase}/eval_{policy}/return": r.mean(), f"{phase}/eval_{policy}/normalized_score": score}, step
+        )
         return score
 
     def train_row(self, row: dict) -> None:
@@ -557,8 +611,9 @@ class Logger:
 
 
 def default_run_dir(args, script: str) -> str:
-    return os.path.join("runs", f"{args.env}__{dataset_slug(args.dataset)}__{script}"
-                                f"__seed{args.seed}__{int(time.time())}")
+    return os.path.join(
+        "runs", f"{args.env}__{dataset_slug(args.dataset)}__{script}__seed{args.seed}__{int(time.time())}"
+    )
 
 
 def save_checkpoint(obj: dict, path: str) -> None:
@@ -581,8 +636,9 @@ def load_checkpoint(path: str, make_cmd: str) -> dict:
 
 def evaluate(env_name: str, act_fn, episodes: int, seed: int) -> np.ndarray:
     """Returns of `episodes` deterministic episodes; act_fn maps an obs batch [n, obs] -> actions."""
-    envs = gym.vector.SyncVectorEnv([lambda: gym.make(ENVS[env_name]) for _ in range(episodes)],
-                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    envs = gym.vector.SyncVectorEnv(
+        [lambda: gym.make(ENVS[env_name]) for _ in range(episodes)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+    )
     obs, _ = envs.reset(seed=seed)
     returns, done = np.zeros(episodes), np.zeros(episodes, dtype=bool)
     while not done.all():
@@ -626,8 +682,10 @@ def load_offline_ensemble(path: str, args, obs_dim: int, act_dim: int, device):
     if not isinstance(ck, dict) or ck.get("format") != "off2on-cql-ensemble/1":
         raise InputError(f"{path} is not an off2on-cql-ensemble/1 file; make one with: {make}")
     if (ck.get("env"), ck.get("obs_dim"), ck.get("act_dim")) != (args.env, obs_dim, act_dim):
-        raise InputError(f"{path} was made for env {ck.get('env')!r} (obs/action dims {ck.get('obs_dim')}/"
-                         f"{ck.get('act_dim')}), not {args.env} ({obs_dim}/{act_dim}); use one made for {args.env}")
+        raise InputError(
+            f"{path} was made for env {ck.get('env')!r} (obs/action dims {ck.get('obs_dim')}/"
+            f"{ck.get('act_dim')}), not {args.env} ({obs_dim}/{act_dim}); use one made for {args.env}"
+        )
     n, k = ck["members"], args.members or ck["members"]
     if not 1 <= k <= n:
         raise InputError(f"--members {args.members}: the checkpoint has {n} members; use 1..{n} (0 = all)")
@@ -635,7 +693,7 @@ def load_offline_ensemble(path: str, args, obs_dim: int, act_dim: int, device):
     critic = EnsembleCritic(obs_dim, act_dim, k, ck["hidden"]).to(device)
     try:  # first K members: actor rows [0:K]; critic rows [0:K] (Q1) and [N:N+K] (Q2)
         actor.load_state_dict({key: v[:k] for key, v in ck["actor"].items()})
-        critic.load_state_dict({key: torch.cat([v[:k], v[n:n + k]]) for key, v in ck["critic"].items()})
+        critic.load_state_dict({key: torch.cat([v[:k], v[n : n + k]]) for key, v in ck["critic"].items()})
     except (RuntimeError, KeyError) as e:
         raise InputError(f"{path}: weights do not match its declared shapes ({str(e).splitlines()[0][:99]})") from e
     return actor, critic
@@ -647,8 +705,11 @@ def get_env_state(env: gym.Env) -> dict:
     u, spec = env.unwrapped, mujoco.mjtState.mjSTATE_INTEGRATION
     mj = np.empty(mujoco.mj_stateSize(u.model, spec))
     mujoco.mj_getState(u.model, u.data, mj, spec)
-    return {"mujoco": torch.from_numpy(mj), "elapsed_steps": env._elapsed_steps,
-            "np_random": u.np_random.bit_generator.state}
+    return {
+        "mujoco": torch.from_numpy(mj),
+        "elapsed_steps": env._elapsed_steps,
+        "np_random": u.np_random.bit_generator.state,
+    }
 
 
 def set_env_state(env: gym.Env, s: dict) -> None:
@@ -675,8 +736,7 @@ TRAIN_COLUMNS = ("q_mean", "alpha", "entropy", "online_fraction", "ratio_loss", 
 def main(args: Args) -> None:
     if args.replay not in ("balanced", "uniform", "online-only"):
         raise InputError(f"unknown --replay {args.replay!r}; use balanced, uniform or online-only")
-    for name in ("online_steps", "epoch_steps", "first_epoch_multiplier", "eval_every", "eval_episodes",
-                 "batch_size"):
+    for name in ("online_steps", "epoch_steps", "first_epoch_multiplier", "eval_every", "eval_episodes", "batch_size"):
         if getattr(args, name) <= 0:
             raise InputError(f"--{name.replace('_', '-')} must be positive")
     if not 0 < args.init_online_fraction < 1:
@@ -697,10 +757,13 @@ def main(args: Args) -> None:
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     data = load_dataset(args.env, args.dataset)
     if (data["observations"].shape[1], data["actions"].shape[1]) != (obs_dim, act_dim):
-        raise InputError(f"dataset {args.dataset!r} has obs/action dims {data['observations'].shape[1]}/"
-                         f"{data['actions'].shape[1]} but {env_id} has {obs_dim}/{act_dim}; use a dataset of {env_id}")
+        raise InputError(
+            f"dataset {args.dataset!r} has obs/action dims {data['observations'].shape[1]}/"
+            f"{data['actions'].shape[1]} but {env_id} has {obs_dim}/{act_dim}; use a dataset of {env_id}"
+        )
     offline_path = args.checkpoint or os.path.join(
-        "checkpoints", f"{args.env}__{dataset_slug(args.dataset)}__cql_ensemble__seed{args.seed}.pt")
+        "checkpoints", f"{args.env}__{dataset_slug(args.dataset)}__cql_ensemble__seed{args.seed}.pt"
+    )
     lr = make_learner(*load_offline_ensemble(offline_path, args, obs_dim, act_dim, device), args.lr)
     buf = Replay(data, args.online_steps, device, args.init_online_fraction)
     del data
@@ -711,7 +774,7 @@ def main(args: Args) -> None:
             getattr(lr, k).load_state_dict(run[k])
         lr.log_alpha.data.copy_(run["log_alpha"])
         buf.n_online, buf.max_priority = len(run["online"]), run["max_priority"]
-        buf.rows[buf.M:buf.M + buf.n_online] = run["online"].to(device)
+        buf.rows[buf.M : buf.M + buf.n_online] = run["online"].to(device)
         buf.tree.update(np.arange(len(run["priorities"])), run["priorities"].numpy())
         counters = {k: run[k] for k in counters}
         set_env_state(env, run["env_state"])
@@ -722,31 +785,49 @@ def main(args: Args) -> None:
             trim_rows(os.path.join(run_dir, name), "env_steps", counters["env_steps"])
         del run
     logger = Logger(args, run_dir, "off2on_finetune")
-    print(f"run dir: {run_dir}\ncheckpoint: {ckpt_path}\noffline ensemble: {offline_path} "
-          f"({lr.actor.mu.weight.shape[0]} members, {buf.M} offline transitions, replay {args.replay})"
-          + (f"\nresumed at {counters['env_steps']} env steps" if args.resume else ""))
+    print(
+        f"run dir: {run_dir}\ncheckpoint: {ckpt_path}\noffline ensemble: {offline_path} "
+        f"({lr.actor.mu.weight.shape[0]} members, {buf.M} offline transitions, replay {args.replay})"
+        + (f"\nresumed at {counters['env_steps']} env steps" if args.resume else "")
+    )
 
     def eval_row() -> float:  # deterministic ensemble policy tanh(mu), D4RL normalized score, new start states
         seed = eval_seed(args.seed, counters["evals"])
         returns = evaluate(args.env, lambda o: act(lr.actor, o, True), args.eval_episodes, seed)
         counters["evals"] += 1
-        return logger.eval_row("online", counters["updates"], counters["env_steps"], "ensemble", returns,
-                               args.env, counters["env_steps"])
+        return logger.eval_row(
+            "online", counters["updates"], counters["env_steps"], "ensemble", returns, args.env, counters["env_steps"]
+        )
 
     def save():
         n_rows = buf.M + buf.n_online
-        save_checkpoint({"format": "off2on-finetune/1", "args": dataclasses.asdict(args),
-                         "members": lr.actor.mu.weight.shape[0], **{k: getattr(lr, k).state_dict() for k in STATE},
-                         "log_alpha": lr.log_alpha.detach().cpu(), "online": buf.rows[buf.M:n_rows].cpu(),
-                         "priorities": torch.from_numpy(buf.tree.nodes[buf.tree.start:buf.tree.start + n_rows].copy()),
-                         "max_priority": buf.max_priority, **counters, "rng": rng_state(),
-                         "env_state": {**get_env_state(env), "obs": torch.from_numpy(np.array(obs)),
-                                       "ep_return": ep_ret, "ep_length": ep_len}}, ckpt_path)
+        save_checkpoint(
+            {
+                "format": "off2on-finetune/1",
+                "args": dataclasses.asdict(args),
+                "members": lr.actor.mu.weight.shape[0],
+                **{k: getattr(lr, k).state_dict() for k in STATE},
+                "log_alpha": lr.log_alpha.detach().cpu(),
+                "online": buf.rows[buf.M : n_rows].cpu(),
+                "priorities": torch.from_numpy(buf.tree.nodes[buf.tree.start : buf.tree.start + n_rows].copy()),
+                "max_priority": buf.max_priority,
+                **counters,
+                "rng": rng_state(),
+                "env_state": {
+                    **get_env_state(env),
+                    "obs": torch.from_numpy(np.array(obs)),
+                    "ep_return": ep_ret,
+                    "ep_length": ep_len,
+                },
+            },
+            ckpt_path,
+        )
 
     if counters["env_steps"] == 0:  # the offline ensemble before any online step
         print(f"start: normalized score {eval_row():.1f}")
-    pbar = tqdm(total=args.online_steps, initial=counters["env_steps"], desc="off2on env steps", mininterval=5,
-                disable=None)
+    pbar = tqdm(
+        total=args.online_steps, initial=counters["env_steps"], desc="off2on env steps", mininterval=5, disable=None
+    )
     try:
         while counters["env_steps"] < args.online_steps:
             start = counters["env_steps"]
@@ -770,8 +851,13 @@ def main(args: Args) -> None:
                 counters["updates"] += 1
             means = {key: float(total) / n_updates for key, total in sums.items()}  # one host sync per epoch
             logger.scalars({f"online/{key}": value for key, value in means.items()}, counters["env_steps"])
-            logger.train_row({"env_steps": counters["env_steps"], "updates": counters["updates"],
-                              **{key: means.get(key, "") for key in TRAIN_COLUMNS}})
+            logger.train_row(
+                {
+                    "env_steps": counters["env_steps"],
+                    "updates": counters["updates"],
+                    **{key: means.get(key, "") for key in TRAIN_COLUMNS},
+                }
+            )
             counters["epoch"] += 1
             done = counters["env_steps"] >= args.online_steps
             if done or counters["env_steps"] // args.eval_every > start // args.eval_every:
@@ -781,8 +867,10 @@ def main(args: Args) -> None:
         pbar.close()
         logger.close()
         env.close()
-    print(f"done: {counters['env_steps']} env steps, {counters['updates']} updates\n"
-          f"run dir: {run_dir}\ncheckpoint: {ckpt_path}")
+    print(
+        f"done: {counters['env_steps']} env steps, {counters['updates']} updates\n"
+        f"run dir: {run_dir}\ncheckpoint: {ckpt_path}"
+    )
 
 
 if __name__ == "__main__":

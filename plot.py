@@ -26,8 +26,14 @@ import pandas as pd
 import tyro
 
 METHOD_ORDER = ("off2on", "sac", "sac_ft", "awac", "bcq_ft")
-LABELS = {"off2on": "Off2On (ours)", "sac": "SAC", "sac_ft": "SAC-ft", "awac": "AWAC",
-          "bcq_ft": "BCQ-ft", "off2on_finetune": "Off2On (ours)"}
+LABELS = {
+    "off2on": "Off2On (ours)",
+    "sac": "SAC",
+    "sac_ft": "SAC-ft",
+    "awac": "AWAC",
+    "bcq_ft": "BCQ-ft",
+    "off2on_finetune": "Off2On (ours)",
+}
 ENV_ORDER = ("halfcheetah", "hopper", "walker2d")
 DATASET_ORDER = ("random", "medium", "medium-replay", "medium-expert", "expert")
 POLICY_PREFERENCE = ("ensemble", "policy")
@@ -62,8 +68,7 @@ def load_results(paths) -> pd.DataFrame:
 def find_run_dirs(path: str) -> list:
     if os.path.exists(os.path.join(path, "evals.csv")):
         return [path]
-    return sorted(os.path.join(path, d) for d in os.listdir(path)
-                  if os.path.exists(os.path.join(path, d, "evals.csv")))
+    return sorted(os.path.join(path, d) for d in os.listdir(path) if os.path.exists(os.path.join(path, d, "evals.csv")))
 
 
 def load_runs(paths) -> pd.DataFrame:
@@ -78,16 +83,20 @@ def load_runs(paths) -> pd.DataFrame:
         method = "off2on" if parts[2] == "off2on_finetune" else parts[2]
         # benchmark.py's run dirs (no time suffix) are finished once they hold DONE
         df.insert(0, "finished", int(len(parts) > 4 or os.path.exists(os.path.join(d, "DONE"))))
-        for i, (k, v) in enumerate(zip(("env", "dataset", "method", "seed"),
-                                       (parts[0], parts[1], method, int(parts[3][4:])))):
+        for i, (k, v) in enumerate(
+            zip(("env", "dataset", "method", "seed"), (parts[0], parts[1], method, int(parts[3][4:])))
+        ):
             df.insert(i, k, v)
         frames.append(df)
     if not frames:
         raise ValueError(f"no run directories with evals.csv in {', '.join(paths)}")
     df = pd.concat(frames, ignore_index=True)
     free = df[df.dataset == "none"]
-    copies = [free[free.env == env].assign(dataset=ds) for env in free.env.unique()
-              for ds in df[(df.env == env) & (df.dataset != "none")].dataset.unique()]
+    copies = [
+        free[free.env == env].assign(dataset=ds)
+        for env in free.env.unique()
+        for ds in df[(df.env == env) & (df.dataset != "none")].dataset.unique()
+    ]
     return pd.concat([df[df.dataset != "none"], *copies], ignore_index=True)
 
 
@@ -123,10 +132,15 @@ def mean_se(curves: pd.DataFrame) -> pd.DataFrame:
 def final_scores(curves: pd.DataFrame, last: int = 1) -> pd.DataFrame:
     """Final score of each run: mean of its last `last` evaluations."""
     c = curves.sort_values("env_steps")
-    return (c.groupby(["env", "dataset", "method", "seed"])
-            .agg(score=("normalized_score", lambda s: s.iloc[-last:].mean()),
-                 env_steps=("env_steps", "max"), finished=("finished", "min"))
-            .reset_index())
+    return (
+        c.groupby(["env", "dataset", "method", "seed"])
+        .agg(
+            score=("normalized_score", lambda s: s.iloc[-last:].mean()),
+            env_steps=("env_steps", "max"),
+            finished=("finished", "min"),
+        )
+        .reset_index()
+    )
 
 
 def ordered(values, order) -> list:
@@ -136,21 +150,25 @@ def ordered(values, order) -> list:
 
 def tasks_of(df: pd.DataFrame) -> list:
     pairs = set(zip(df.env, df.dataset))
-    return [(e, d) for e in ordered([p[0] for p in pairs], ENV_ORDER)
-            for d in ordered([p[1] for p in pairs], DATASET_ORDER) if (e, d) in pairs]
+    return [
+        (e, d)
+        for e in ordered([p[0] for p in pairs], ENV_ORDER)
+        for d in ordered([p[1] for p in pairs], DATASET_ORDER)
+        if (e, d) in pairs
+    ]
 
 
 def score_matrices(finals: pd.DataFrame, methods) -> tuple:
     """method -> array [seeds, tasks] for rliable; a seed missing any task is dropped (noted)."""
     tasks, mats, notes = tasks_of(finals), {}, []
     for m in methods:
-        t = finals[finals.method == m].pivot_table(index="seed", columns=["env", "dataset"],
-                                                   values="score")
+        t = finals[finals.method == m].pivot_table(index="seed", columns=["env", "dataset"], values="score")
         t = t.reindex(columns=pd.MultiIndex.from_tuples(tasks, names=["env", "dataset"]))
         full = t.dropna()
         if len(full) < len(t):
-            notes.append(f"{m}: seeds {sorted(set(t.index) - set(full.index))} lack some tasks "
-                         f"and are left out of the aggregate")
+            notes.append(
+                f"{m}: seeds {sorted(set(t.index) - set(full.index))} lack some tasks and are left out of the aggregate"
+            )
         if len(full):
             mats[m] = full.to_numpy()
     return mats, tasks, notes
@@ -164,26 +182,35 @@ def aggregate(mats: dict, reps: int = 50_000, seed: int = 0) -> dict:
     fn = lambda x: np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x)])  # noqa: E731
     with warnings.catch_warnings():  # rliable passes arch the random_state it deprecates
         warnings.simplefilter("ignore", FutureWarning)
-        points, cis = rly.get_interval_estimates(mats, fn, reps=reps,
-                                                 random_state=np.random.RandomState(seed))
+        points, cis = rly.get_interval_estimates(mats, fn, reps=reps, random_state=np.random.RandomState(seed))
     return {m: (points[m], cis[m]) for m in mats}
 
 
 def markdown(finals: pd.DataFrame, agg: dict, mats: dict, tasks: list, methods, notes) -> str:
     steps = sorted(finals.env_steps.unique())
     when = f"{steps[0]:,}" if len(steps) == 1 else f"{steps[0]:,}–{steps[-1]:,}"
-    lines = [f"Final D4RL normalized score after {when} online env steps; aggregate over "
-             f"{len(tasks)} task(s): IQM and mean with 95% stratified bootstrap CIs (rliable).", "",
-             "| Method | Runs | IQM | 95% CI | Mean | 95% CI |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"Final D4RL normalized score after {when} online env steps; aggregate over "
+        f"{len(tasks)} task(s): IQM and mean with 95% stratified bootstrap CIs (rliable).",
+        "",
+        "| Method | Runs | IQM | 95% CI | Mean | 95% CI |",
+        "|---|---|---|---|---|---|",
+    ]
     for m in methods:
         if m in agg:
             (iqm, mean), ci = agg[m]
-            lines.append(f"| {LABELS.get(m, m)} | {mats[m].size} | {iqm:.1f} | "
-                         f"[{ci[0, 0]:.1f}, {ci[1, 0]:.1f}] | {mean:.1f} | "
-                         f"[{ci[0, 1]:.1f}, {ci[1, 1]:.1f}] |")
-    lines += ["", "Per task: final normalized score, mean ± standard error over seeds (number of seeds).", "",
-              "| Task | " + " | ".join(LABELS.get(m, m) for m in methods) + " |",
-              "|---" * (len(methods) + 1) + "|"]
+            lines.append(
+                f"| {LABELS.get(m, m)} | {mats[m].size} | {iqm:.1f} | "
+                f"[{ci[0, 0]:.1f}, {ci[1, 0]:.1f}] | {mean:.1f} | "
+                f"[{ci[0, 1]:.1f}, {ci[1, 1]:.1f}] |"
+            )
+    lines += [
+        "",
+        "Per task: final normalized score, mean ± standard error over seeds (number of seeds).",
+        "",
+        "| Task | " + " | ".join(LABELS.get(m, m) for m in methods) + " |",
+        "|---" * (len(methods) + 1) + "|",
+    ]
     for env, ds in tasks:
         cells = []
         for m in methods:
@@ -209,18 +236,16 @@ def figure(stats: pd.DataFrame, tasks: list, methods, path: str, title: str = ""
             s = stats[(stats.env == env) & (stats.dataset == ds) & (stats.method == m)]
             if s.empty:
                 continue
-            ax.plot(s.env_steps, s["mean"], color=colors[m], label=LABELS.get(m, m), lw=1.5,
-                    marker="o", ms=3)
-            ax.fill_between(s.env_steps, s["mean"] - s.se, s["mean"] + s.se, color=colors[m],
-                            alpha=0.2, lw=0)
+            ax.plot(s.env_steps, s["mean"], color=colors[m], label=LABELS.get(m, m), lw=1.5, marker="o", ms=3)
+            ax.fill_between(s.env_steps, s["mean"] - s.se, s["mean"] + s.se, color=colors[m], alpha=0.2, lw=0)
         ax.set_title(f"{env} {ds}")
         ax.set_xlabel("online env steps")
         ax.set_ylabel("normalized score")
         ax.grid(alpha=0.3)
-    for ax in axes.flat[len(tasks):]:
+    for ax in axes.flat[len(tasks) :]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    for ax in axes.flat[1:len(tasks)]:  # methods missing from the first panel
+    for ax in axes.flat[1 : len(tasks)]:  # methods missing from the first panel
         for h, lab in zip(*ax.get_legend_handles_labels()):
             if lab not in labels:
                 handles.append(h), labels.append(lab)
@@ -238,8 +263,7 @@ def main(args: Args) -> str:
     for p in args.results + args.runs:
         if not os.path.exists(p):
             raise ValueError(f"no such file or folder: {p}")
-    frames = ([load_results(args.results)] if args.results else []) + (
-        [load_runs(args.runs)] if args.runs else [])
+    frames = ([load_results(args.results)] if args.results else []) + ([load_runs(args.runs)] if args.runs else [])
     df = pd.concat(frames, ignore_index=True)
     methods = list(args.methods) or ordered(df.method.unique(), METHOD_ORDER)
     df = df[df.method.isin(methods)]
@@ -252,12 +276,19 @@ def main(args: Args) -> str:
     finals = final_scores(curves, args.last)
     notes = []
     if not args.include_unfinished and (finals.finished == 0).any():
-        notes.append(f"{int((finals.finished == 0).sum())} unfinished run(s) left out "
-                     "(--include-unfinished counts them)")
+        notes.append(
+            f"{int((finals.finished == 0).sum())} unfinished run(s) left out (--include-unfinished counts them)"
+        )
         finals = finals[finals.finished == 1]
     mats, tasks, more = score_matrices(finals, methods)
-    table = markdown(finals, aggregate(mats, args.reps, args.seed), mats, tasks,
-                     [m for m in methods if m in set(finals.method)], notes + more)
+    table = markdown(
+        finals,
+        aggregate(mats, args.reps, args.seed),
+        mats,
+        tasks,
+        [m for m in methods if m in set(finals.method)],
+        notes + more,
+    )
     with open(args.out + ".md", "w") as f:
         f.write(table)
     print(table + f"\nwrote {args.out}.png and {args.out}.md")

@@ -162,15 +162,12 @@ def load_dataset(env: str, dataset: str) -> dict:
         ds_id = local_dataset_id(env, dataset)
         if ds_id not in minari.list_local_datasets():
             raise InputError(
-                f"no local dataset {ds_id}; make it with: "
-                f"python make_dataset.py --env {env} --kinds {dataset}"
+                f"no local dataset {ds_id}; make it with: python make_dataset.py --env {env} --kinds {dataset}"
             )
     elif "/" in dataset:
         ds_id = dataset
     else:
-        raise InputError(
-            f"unknown dataset {dataset!r}; use one of {', '.join(KINDS)}, a Minari id, or a .hdf5 path"
-        )
+        raise InputError(f"unknown dataset {dataset!r}; use one of {', '.join(KINDS)}, a Minari id, or a .hdf5 path")
     try:
         ds = minari.load_dataset(ds_id, download=True)
     except Exception as e:  # no hub, unknown id, corrupt files: one line, not a traceback
@@ -226,6 +223,7 @@ def load_d4rl_hdf5(path: str) -> dict:
 
 # =====================================================================================
 
+
 # =====================================================================================
 # Replay: offline + online transitions in one buffer, sampled uniformly.
 # =====================================================================================
@@ -239,16 +237,24 @@ class Replay:
         self.M, self.n_online = len(data["rewards"]), 0
         width = 2 * self.obs_dim + self.act_dim + 2
         self.rows = np.zeros((self.M + online_capacity, width), np.float32)
-        self.rows[:self.M] = np.concatenate([data["observations"], data["actions"], data["rewards"][:, None],
-                                             data["next_observations"], data["terminals"][:, None]], 1)
+        self.rows[: self.M] = np.concatenate(
+            [
+                data["observations"],
+                data["actions"],
+                data["rewards"][:, None],
+                data["next_observations"],
+                data["terminals"][:, None],
+            ],
+            1,
+        )
 
     def add_online(self, rows: np.ndarray) -> None:
-        self.rows[self.M + self.n_online:self.M + self.n_online + len(rows)] = rows
+        self.rows[self.M + self.n_online : self.M + self.n_online + len(rows)] = rows
         self.n_online += len(rows)
 
     def split(self, rows: torch.Tensor):  # -> s, a, r, s', d (views; r and d are [B])
         o, a = self.obs_dim, self.act_dim
-        return rows[:, :o], rows[:, o:o + a], rows[:, o + a], rows[:, o + a + 1:-1], rows[:, -1]
+        return rows[:, :o], rows[:, o : o + a], rows[:, o + a], rows[:, o + a + 1 : -1], rows[:, -1]
 
     def sample(self, n: int, device: torch.device):
         idx = np.random.randint(0, self.M + self.n_online, n)
@@ -317,8 +323,11 @@ def make_learner(obs_dim: int, act_dim: int, args: Args, device: torch.device) -
     with weight decay on the policy only."""
     actor = Actor(obs_dim, act_dim, args.hidden, args.actor_layers).to(device)
     critic = TwinQ(obs_dim, act_dim, args.hidden).to(device)
-    opt = torch.optim.Adam([{"params": actor.parameters(), "weight_decay": args.actor_weight_decay},
-                            {"params": critic.parameters()}], lr=args.lr, fused=True)
+    opt = torch.optim.Adam(
+        [{"params": actor.parameters(), "weight_decay": args.actor_weight_decay}, {"params": critic.parameters()}],
+        lr=args.lr,
+        fused=True,
+    )
     return Learner(actor, critic, copy.deepcopy(critic).requires_grad_(False), opt)
 
 
@@ -348,8 +357,13 @@ def awac_losses(learner: Learner, batch, gamma: float, lam: float):
         w = awac_weights(adv, lam)
     # AWAC actor update (weighted maximum likelihood): theta = argmax E_D[log pi_theta(a|s) exp(A(s,a)/lambda) / Z(s)]
     actor_loss = -(w * gaussian_log_prob(a, mean, log_std)).mean()
-    stats = {"losses/critic": critic_loss.detach(), "losses/actor": actor_loss.detach(), "charts/q": q.detach().mean(),
-             "charts/advantage": adv.mean(), "charts/max_weight": w.max()}
+    stats = {
+        "losses/critic": critic_loss.detach(),
+        "losses/actor": actor_loss.detach(),
+        "charts/q": q.detach().mean(),
+        "charts/advantage": adv.mean(),
+        "charts/max_weight": w.max(),
+    }
     return critic_loss, actor_loss, stats
 
 
@@ -378,8 +392,16 @@ def act(learner: Learner, obs: np.ndarray, deterministic: bool) -> np.ndarray:
 # Run directory, logging, checkpoints, evaluation.
 # This section is identical in every algorithm script (tests/test_common_sections.py checks it).
 # =====================================================================================
-EVAL_COLUMNS = ("phase", "updates", "env_steps", "policy", "return_mean", "return_std",
-                "normalized_score", "wall_time_s")
+EVAL_COLUMNS = (
+    "phase",
+    "updates",
+    "env_steps",
+    "policy",
+    "return_mean",
+    "return_std",
+    "normalized_score",
+    "wall_time_s",
+)
 
 
 def pick_device(name: str) -> torch.device:
@@ -401,10 +423,12 @@ def seed_everything(seed: int) -> None:
 def rng_state() -> dict:
     # numpy's key array goes in as a tensor: torch.load(weights_only=True) refuses numpy arrays
     kind, key, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(),
-            "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def set_rng_state(s: dict) -> None:
@@ -436,9 +460,14 @@ class Logger:
         if args.track:
             import wandb
 
-            self.wandb = wandb.init(project=args.wandb_project, config=dataclasses.asdict(args),
-                                    name=os.path.basename(run_dir), dir=run_dir, resume="allow",
-                                    id=f"{script}-{os.path.basename(run_dir)}".replace("/", "_")[-128:])
+            self.wandb = wandb.init(
+                project=args.wandb_project,
+                config=dataclasses.asdict(args),
+                name=os.path.basename(run_dir),
+                dir=run_dir,
+                resume="allow",
+                id=f"{script}-{os.path.basename(run_dir)}".replace("/", "_")[-128:],
+            )
         self.start = time.time()
 
     def scalars(self, metrics: dict, step: int) -> None:
@@ -449,16 +478,24 @@ class Logger:
         if self.wandb is not None:
             self.wandb.log(vals, step=step)
 
-    def eval_row(self, phase: str, updates: int, env_steps: int, policy: str,
-                 returns, env: str, step: int) -> float:
+    def eval_row(self, phase: str, updates: int, env_steps: int, policy: str, returns, env: str, step: int) -> float:
         r = np.asarray(returns, dtype=np.float64)
         score = float(normalized_score(env, r.mean()))
-        row = (phase, updates, env_steps, policy, f"{r.mean():.3f}", f"{r.std():.3f}",
-               f"{score:.3f}", f"{time.time() - self.start:.1f}")
+        row = (
+            phase,
+            updates,
+            env_steps,
+            policy,
+            f"{r.mean():.3f}",
+            f"{r.std():.3f}",
+            f"{score:.3f}",
+            f"{time.time() - self.start:.1f}",
+        )
         with open(self.csv_path, "a") as f:
             f.write(",".join(str(x) for x in row) + "\n")
-        self.scalars({f"{phase}/eval_{policy}/return": r.mean(), f"{phase}/eval_{policy}/normalized_score": score},
-                     step)
+        self.scalars(
+            {f"{phase}/eval_{policy}/return": r.mean(), f"{phase}/eval_{policy}/normalized_score": score}, step
+        )
         return score
 
     def train_row(self, row: dict) -> None:
@@ -477,8 +514,9 @@ class Logger:
 
 
 def default_run_dir(args, script: str) -> str:
-    return os.path.join("runs", f"{args.env}__{dataset_slug(args.dataset)}__{script}"
-                                f"__seed{args.seed}__{int(time.time())}")
+    return os.path.join(
+        "runs", f"{args.env}__{dataset_slug(args.dataset)}__{script}__seed{args.seed}__{int(time.time())}"
+    )
 
 
 def save_checkpoint(obj: dict, path: str) -> None:
@@ -501,8 +539,9 @@ def load_checkpoint(path: str, make_cmd: str) -> dict:
 
 def evaluate(env_name: str, act_fn, episodes: int, seed: int) -> np.ndarray:
     """Returns of `episodes` deterministic episodes; act_fn maps an obs batch [n, obs] -> actions."""
-    envs = gym.vector.SyncVectorEnv([lambda: gym.make(ENVS[env_name]) for _ in range(episodes)],
-                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    envs = gym.vector.SyncVectorEnv(
+        [lambda: gym.make(ENVS[env_name]) for _ in range(episodes)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+    )
     obs, _ = envs.reset(seed=seed)
     returns, done = np.zeros(episodes), np.zeros(episodes, dtype=bool)
     while not done.all():
@@ -538,6 +577,7 @@ def run_main(main_fn) -> None:
 
 # =====================================================================================
 
+
 # =====================================================================================
 # Env state for exact resume, checkpoint helpers, the loop.
 # =====================================================================================
@@ -547,8 +587,11 @@ def get_env_state(env: gym.Env) -> dict:
     u, spec = env.unwrapped, mujoco.mjtState.mjSTATE_INTEGRATION
     mj = np.empty(mujoco.mj_stateSize(u.model, spec))
     mujoco.mj_getState(u.model, u.data, mj, spec)
-    return {"mujoco": torch.from_numpy(mj), "elapsed_steps": env._elapsed_steps,
-            "np_random": u.np_random.bit_generator.state}
+    return {
+        "mujoco": torch.from_numpy(mj),
+        "elapsed_steps": env._elapsed_steps,
+        "np_random": u.np_random.bit_generator.state,
+    }
 
 
 def set_env_state(env: gym.Env, s: dict) -> None:
@@ -563,7 +606,7 @@ def trim_evals(csv_path: str, rows: int) -> None:
     if os.path.exists(csv_path):
         lines = open(csv_path).read().splitlines()
         with open(csv_path, "w") as f:
-            f.write("\n".join(lines[:1 + rows]) + "\n")
+            f.write("\n".join(lines[: 1 + rows]) + "\n")
 
 
 def learner_state(learner: Learner) -> dict:
@@ -580,8 +623,15 @@ def load_learner_state(learner: Learner, s: dict) -> None:
 
 
 def main(args: Args) -> None:
-    for name in ("online_steps", "epoch_steps", "first_epoch_multiplier", "eval_every", "eval_episodes",
-                 "log_every", "batch_size"):
+    for name in (
+        "online_steps",
+        "epoch_steps",
+        "first_epoch_multiplier",
+        "eval_every",
+        "eval_episodes",
+        "log_every",
+        "batch_size",
+    ):
         if getattr(args, name) <= 0:
             raise InputError(f"--{name.replace('_', '-')} must be positive")
     if args.offline_updates < 0:
@@ -605,8 +655,10 @@ def main(args: Args) -> None:
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     data = load_dataset(args.env, args.dataset)
     if (data["observations"].shape[1], data["actions"].shape[1]) != (obs_dim, act_dim):
-        raise InputError(f"dataset {args.dataset!r} has obs/action dims {data['observations'].shape[1]}/"
-                         f"{data['actions'].shape[1]} but {env_id} has {obs_dim}/{act_dim}; use a dataset of {env_id}")
+        raise InputError(
+            f"dataset {args.dataset!r} has obs/action dims {data['observations'].shape[1]}/"
+            f"{data['actions'].shape[1]} but {env_id} has {obs_dim}/{act_dim}; use a dataset of {env_id}"
+        )
     learner = make_learner(obs_dim, act_dim, args, device)
     buf = Replay(data, args.online_steps)
     del data
@@ -626,24 +678,51 @@ def main(args: Args) -> None:
         trim_evals(os.path.join(run_dir, "evals.csv"), counters["eval_rows"])
         del run
     logger = Logger(args, run_dir, SCRIPT)
-    print(f"run dir: {run_dir}\ncheckpoint: {ckpt_path}\n{buf.M} offline transitions"
-          + (f"\nresumed at {counters['updates']} updates, {counters['env_steps']} env steps" if args.resume else ""))
+    print(
+        f"run dir: {run_dir}\ncheckpoint: {ckpt_path}\n{buf.M} offline transitions"
+        + (f"\nresumed at {counters['updates']} updates, {counters['env_steps']} env steps" if args.resume else "")
+    )
 
     def eval_row(phase: str) -> float:  # the evaluation policy act(..., True), D4RL normalized score
         returns = evaluate(args.env, lambda o: act(learner, o, True), args.eval_episodes, args.seed + 10_000)
         counters["eval_rows"] += 1
-        return logger.eval_row(phase, counters["updates"], counters["env_steps"], "policy", returns, args.env,
-                               counters["updates"] if phase == "offline" else counters["env_steps"])
+        return logger.eval_row(
+            phase,
+            counters["updates"],
+            counters["env_steps"],
+            "policy",
+            returns,
+            args.env,
+            counters["updates"] if phase == "offline" else counters["env_steps"],
+        )
 
     def save():
-        save_checkpoint({"format": f"off2on-{SCRIPT}/1", "args": dataclasses.asdict(args), **learner_state(learner),
-                         "online": torch.from_numpy(buf.rows[buf.M:buf.M + buf.n_online].copy()), **counters,
-                         "rng": rng_state(), "env_state": {**get_env_state(env), "obs": torch.from_numpy(np.array(obs)),
-                                                           "ep_return": ep_ret, "ep_length": ep_len}}, ckpt_path)
+        save_checkpoint(
+            {
+                "format": f"off2on-{SCRIPT}/1",
+                "args": dataclasses.asdict(args),
+                **learner_state(learner),
+                "online": torch.from_numpy(buf.rows[buf.M : buf.M + buf.n_online].copy()),
+                **counters,
+                "rng": rng_state(),
+                "env_state": {
+                    **get_env_state(env),
+                    "obs": torch.from_numpy(np.array(obs)),
+                    "ep_return": ep_ret,
+                    "ep_length": ep_len,
+                },
+            },
+            ckpt_path,
+        )
 
     # ---- offline phase: the update rule on the dataset alone (no online rows yet)
-    pbar = tqdm(total=args.offline_updates, initial=min(counters["updates"], args.offline_updates),
-                desc=f"{SCRIPT} offline updates", mininterval=5, disable=None)
+    pbar = tqdm(
+        total=args.offline_updates,
+        initial=min(counters["updates"], args.offline_updates),
+        desc=f"{SCRIPT} offline updates",
+        mininterval=5,
+        disable=None,
+    )
     try:
         while counters["updates"] < args.offline_updates:
             stats = train_step(learner, buf, args)
@@ -660,8 +739,13 @@ def main(args: Args) -> None:
             print(f"start: normalized score {eval_row('online'):.1f}")
             counters["started"] = True
             save()
-        pbar = tqdm(total=args.online_steps, initial=counters["env_steps"], desc=f"{SCRIPT} env steps",
-                    mininterval=5, disable=None)
+        pbar = tqdm(
+            total=args.online_steps,
+            initial=counters["env_steps"],
+            desc=f"{SCRIPT} env steps",
+            mininterval=5,
+            disable=None,
+        )
         while counters["env_steps"] < args.online_steps:
             start = counters["env_steps"]
             new_rows = np.empty((min(args.epoch_steps, args.online_steps - start), buf.rows.shape[1]), np.float32)
@@ -687,8 +771,10 @@ def main(args: Args) -> None:
         pbar.close()
         logger.close()
         env.close()
-    print(f"done: {counters['updates']} updates, {counters['env_steps']} env steps\n"
-          f"run dir: {run_dir}\ncheckpoint: {ckpt_path}")
+    print(
+        f"done: {counters['updates']} updates, {counters['env_steps']} env steps\n"
+        f"run dir: {run_dir}\ncheckpoint: {ckpt_path}"
+    )
 
 
 if __name__ == "__main__":

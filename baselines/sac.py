@@ -143,15 +143,12 @@ def load_dataset(env: str, dataset: str) -> dict:
         ds_id = local_dataset_id(env, dataset)
         if ds_id not in minari.list_local_datasets():
             raise InputError(
-                f"no local dataset {ds_id}; make it with: "
-                f"python make_dataset.py --env {env} --kinds {dataset}"
+                f"no local dataset {ds_id}; make it with: python make_dataset.py --env {env} --kinds {dataset}"
             )
     elif "/" in dataset:
         ds_id = dataset
     else:
-        raise InputError(
-            f"unknown dataset {dataset!r}; use one of {', '.join(KINDS)}, a Minari id, or a .hdf5 path"
-        )
+        raise InputError(f"unknown dataset {dataset!r}; use one of {', '.join(KINDS)}, a Minari id, or a .hdf5 path")
     try:
         ds = minari.load_dataset(ds_id, download=True)
     except Exception as e:  # no hub, unknown id, corrupt files: one line, not a traceback
@@ -234,8 +231,11 @@ class ReplayBuffer:
         return {k: torch.as_tensor(v[idx], device=device) for k, v in self.data.items()}
 
     def state_dict(self) -> dict:
-        return {"ptr": self.ptr, "size": self.size,
-                **{k: torch.from_numpy(v[: self.size].copy()) for k, v in self.data.items()}}
+        return {
+            "ptr": self.ptr,
+            "size": self.size,
+            **{k: torch.from_numpy(v[: self.size].copy()) for k, v in self.data.items()},
+        }
 
     def load_state_dict(self, s: dict) -> None:
         self.ptr, self.size = s["ptr"], s["size"]
@@ -317,11 +317,16 @@ def make_agent(obs_dim: int, act_dim: int, hidden: int, lr: float, device: torch
     critic_target.load_state_dict(critic.state_dict())
     critic_target.requires_grad_(False)
     log_alpha = torch.zeros((), device=device, requires_grad=True)
-    return Agent(actor, critic, critic_target, log_alpha,
-                 torch.optim.Adam(actor.parameters(), lr=lr),
-                 torch.optim.Adam(critic.parameters(), lr=lr),
-                 torch.optim.Adam([log_alpha], lr=lr),
-                 target_entropy=-float(act_dim))
+    return Agent(
+        actor,
+        critic,
+        critic_target,
+        log_alpha,
+        torch.optim.Adam(actor.parameters(), lr=lr),
+        torch.optim.Adam(critic.parameters(), lr=lr),
+        torch.optim.Adam([log_alpha], lr=lr),
+        target_entropy=-float(act_dim),
+    )
 
 
 # =====================================================================================
@@ -356,17 +361,30 @@ def update(ag: Agent, b: dict, gamma: float, tau: float) -> dict:
     with torch.no_grad():  # Polyak averaging of the target critics
         for p_t, p in zip(ag.critic_target.parameters(), ag.critic.parameters()):
             p_t.lerp_(p, tau)
-    return {"losses/critic": critic_loss.detach(), "losses/actor": actor_loss.detach(),
-            "losses/alpha": alpha_loss.detach(), "losses/alpha_value": alpha,
-            "losses/q": q.detach().mean(), "losses/entropy": -logp.detach().mean()}
+    return {
+        "losses/critic": critic_loss.detach(),
+        "losses/actor": actor_loss.detach(),
+        "losses/alpha": alpha_loss.detach(),
+        "losses/alpha_value": alpha,
+        "losses/q": q.detach().mean(),
+        "losses/entropy": -logp.detach().mean(),
+    }
 
 
 # =====================================================================================
 # Run directory, logging, checkpoints, evaluation.
 # This section is identical in every algorithm script (tests/test_common_sections.py checks it).
 # =====================================================================================
-EVAL_COLUMNS = ("phase", "updates", "env_steps", "policy", "return_mean", "return_std",
-                "normalized_score", "wall_time_s")
+EVAL_COLUMNS = (
+    "phase",
+    "updates",
+    "env_steps",
+    "policy",
+    "return_mean",
+    "return_std",
+    "normalized_score",
+    "wall_time_s",
+)
 
 
 def pick_device(name: str) -> torch.device:
@@ -388,10 +406,12 @@ def seed_everything(seed: int) -> None:
 def rng_state() -> dict:
     # numpy's key array goes in as a tensor: torch.load(weights_only=True) refuses numpy arrays
     kind, key, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(),
-            "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def set_rng_state(s: dict) -> None:
@@ -423,9 +443,14 @@ class Logger:
         if args.track:
             import wandb
 
-            self.wandb = wandb.init(project=args.wandb_project, config=dataclasses.asdict(args),
-                                    name=os.path.basename(run_dir), dir=run_dir, resume="allow",
-                                    id=f"{script}-{os.path.basename(run_dir)}".replace("/", "_")[-128:])
+            self.wandb = wandb.init(
+                project=args.wandb_project,
+                config=dataclasses.asdict(args),
+                name=os.path.basename(run_dir),
+                dir=run_dir,
+                resume="allow",
+                id=f"{script}-{os.path.basename(run_dir)}".replace("/", "_")[-128:],
+            )
         self.start = time.time()
 
     def scalars(self, metrics: dict, step: int) -> None:
@@ -436,16 +461,24 @@ class Logger:
         if self.wandb is not None:
             self.wandb.log(vals, step=step)
 
-    def eval_row(self, phase: str, updates: int, env_steps: int, policy: str,
-                 returns, env: str, step: int) -> float:
+    def eval_row(self, phase: str, updates: int, env_steps: int, policy: str, returns, env: str, step: int) -> float:
         r = np.asarray(returns, dtype=np.float64)
         score = float(normalized_score(env, r.mean()))
-        row = (phase, updates, env_steps, policy, f"{r.mean():.3f}", f"{r.std():.3f}",
-               f"{score:.3f}", f"{time.time() - self.start:.1f}")
+        row = (
+            phase,
+            updates,
+            env_steps,
+            policy,
+            f"{r.mean():.3f}",
+            f"{r.std():.3f}",
+            f"{score:.3f}",
+            f"{time.time() - self.start:.1f}",
+        )
         with open(self.csv_path, "a") as f:
             f.write(",".join(str(x) for x in row) + "\n")
-        self.scalars({f"{phase}/eval_{policy}/return": r.mean(), f"{phase}/eval_{policy}/normalized_score": score},
-                     step)
+        self.scalars(
+            {f"{phase}/eval_{policy}/return": r.mean(), f"{phase}/eval_{policy}/normalized_score": score}, step
+        )
         return score
 
     def train_row(self, row: dict) -> None:
@@ -464,8 +497,9 @@ class Logger:
 
 
 def default_run_dir(args, script: str) -> str:
-    return os.path.join("runs", f"{args.env}__{dataset_slug(args.dataset)}__{script}"
-                                f"__seed{args.seed}__{int(time.time())}")
+    return os.path.join(
+        "runs", f"{args.env}__{dataset_slug(args.dataset)}__{script}__seed{args.seed}__{int(time.time())}"
+    )
 
 
 def save_checkpoint(obj: dict, path: str) -> None:
@@ -488,8 +522,9 @@ def load_checkpoint(path: str, make_cmd: str) -> dict:
 
 def evaluate(env_name: str, act_fn, episodes: int, seed: int) -> np.ndarray:
     """Returns of `episodes` deterministic episodes; act_fn maps an obs batch [n, obs] -> actions."""
-    envs = gym.vector.SyncVectorEnv([lambda: gym.make(ENVS[env_name]) for _ in range(episodes)],
-                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    envs = gym.vector.SyncVectorEnv(
+        [lambda: gym.make(ENVS[env_name]) for _ in range(episodes)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+    )
     obs, _ = envs.reset(seed=seed)
     returns, done = np.zeros(episodes), np.zeros(episodes, dtype=bool)
     while not done.all():
@@ -548,8 +583,11 @@ def get_env_state(env: gym.Env) -> dict:
     u, spec = env.unwrapped, mujoco.mjtState.mjSTATE_INTEGRATION
     mj = np.empty(mujoco.mj_stateSize(u.model, spec))
     mujoco.mj_getState(u.model, u.data, mj, spec)
-    return {"mujoco": torch.from_numpy(mj), "elapsed_steps": time_limit(env)._elapsed_steps,
-            "np_random": u.np_random.bit_generator.state}
+    return {
+        "mujoco": torch.from_numpy(mj),
+        "elapsed_steps": time_limit(env)._elapsed_steps,
+        "np_random": u.np_random.bit_generator.state,
+    }
 
 
 def set_env_state(env: gym.Env, s: dict) -> None:
@@ -573,6 +611,7 @@ def trim_evals(csv_path: str, env_steps: int) -> None:
 @dataclass
 class Progress:
     """What `train` yields after every evaluation."""
+
     env_steps: int
     updates: int
     eval_returns: np.ndarray
@@ -582,13 +621,24 @@ class Progress:
 
 
 def checkpoint_dict(args, ag: Agent, buf: ReplayBuffer, env_steps: int, updates: int, env_state: dict) -> dict:
-    return {"format": "off2on-sac/1", "args": dataclasses.asdict(args),
-            "obs_dim": buf.data["observations"].shape[1], "act_dim": buf.data["actions"].shape[1],
-            "actor": ag.actor.state_dict(), "critic": ag.critic.state_dict(),
-            "critic_target": ag.critic_target.state_dict(), "log_alpha": ag.log_alpha.detach().cpu(),
-            "actor_opt": ag.actor_opt.state_dict(), "critic_opt": ag.critic_opt.state_dict(),
-            "alpha_opt": ag.alpha_opt.state_dict(), "buffer": buf.state_dict(),
-            "env_steps": env_steps, "updates": updates, "env_state": env_state, "rng": rng_state()}
+    return {
+        "format": "off2on-sac/1",
+        "args": dataclasses.asdict(args),
+        "obs_dim": buf.data["observations"].shape[1],
+        "act_dim": buf.data["actions"].shape[1],
+        "actor": ag.actor.state_dict(),
+        "critic": ag.critic.state_dict(),
+        "critic_target": ag.critic_target.state_dict(),
+        "log_alpha": ag.log_alpha.detach().cpu(),
+        "actor_opt": ag.actor_opt.state_dict(),
+        "critic_opt": ag.critic_opt.state_dict(),
+        "alpha_opt": ag.alpha_opt.state_dict(),
+        "buffer": buf.state_dict(),
+        "env_steps": env_steps,
+        "updates": updates,
+        "env_state": env_state,
+        "rng": rng_state(),
+    }
 
 
 def train(args: Args):
@@ -615,8 +665,10 @@ def train(args: Args):
     if args.resume:
         ck = load_checkpoint(ckpt_path, f"python baselines/sac.py --env {args.env} --run-dir {run_dir}")
         if (ck.get("obs_dim"), ck.get("act_dim"), ck["actor"]["mu.weight"].shape[1]) != (obs_dim, act_dim, args.hidden):
-            raise InputError(f"{ckpt_path} was made for another env or --hidden (obs {ck.get('obs_dim')}, "
-                             f"act {ck.get('act_dim')}); use the same --env and --hidden")
+            raise InputError(
+                f"{ckpt_path} was made for another env or --hidden (obs {ck.get('obs_dim')}, "
+                f"act {ck.get('act_dim')}); use the same --env and --hidden"
+            )
         for net in ("actor", "critic", "critic_target"):
             getattr(ag, net).load_state_dict(ck[net])
         with torch.no_grad():
@@ -630,7 +682,9 @@ def train(args: Args):
         set_rng_state(ck["rng"])
         trim_evals(os.path.join(run_dir, "evals.csv"), env_steps)
     logger = Logger(args, run_dir, "sac")
-    print(f"run dir: {run_dir}\ncheckpoint: {ckpt_path}" + (f" (resumed at {env_steps} env steps)" if args.resume else ""))
+    print(
+        f"run dir: {run_dir}\ncheckpoint: {ckpt_path}" + (f" (resumed at {env_steps} env steps)" if args.resume else "")
+    )
 
     def save():
         st = {**get_env_state(env), "obs": torch.from_numpy(np.array(obs)), "ep_return": ep_ret, "ep_length": ep_len}
@@ -648,8 +702,14 @@ def train(args: Args):
                     with torch.no_grad():
                         act = ag.actor.act(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
                 next_obs, rew, term, trunc, _ = env.step(act)
-                buf.add(observations=obs, actions=act, rewards=rew, next_observations=next_obs,
-                        terminations=term, truncations=trunc)
+                buf.add(
+                    observations=obs,
+                    actions=act,
+                    rewards=rew,
+                    next_observations=next_obs,
+                    terminations=term,
+                    truncations=trunc,
+                )
                 env_steps, ep_ret, ep_len = env_steps + 1, ep_ret + float(rew), ep_len + 1
                 obs = next_obs
                 if term or trunc:

@@ -113,8 +113,13 @@ def main(bench: Bench) -> None:
     clock = time.process_time if bench.cpu_time else time.perf_counter
     torch.manual_seed(0)
     m, n, b = 100_000, bench.members, bench.batch_size
-    data = {"observations": torch.randn(m, bench.obs_dim), "next_observations": torch.randn(m, bench.obs_dim),
-            "actions": torch.rand(m, bench.act_dim) * 2 - 1, "rewards": torch.randn(m), "terminals": torch.zeros(m)}
+    data = {
+        "observations": torch.randn(m, bench.obs_dim),
+        "next_observations": torch.randn(m, bench.obs_dim),
+        "actions": torch.rand(m, bench.act_dim) * 2 - 1,
+        "rewards": torch.randn(m),
+        "terminals": torch.zeros(m),
+    }
     data = {k: v.to(device) for k, v in data.items()}
     if device.type == "cpu" and bench.keep_freed_memory:
         cq.keep_freed_memory()
@@ -125,10 +130,14 @@ def main(bench: Bench) -> None:
     flops = update_flops(n, b, bench.cql_samples, bench.obs_dim, bench.act_dim, bench.hidden)
     peak = matmul_peak(device, bench.peak_size, clock=clock)
     name = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
-    print(f"device: {name}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{'CPU' if bench.cpu_time else 'wall'} time")
-    print(f"size: N={n}, hidden {bench.hidden}x2, batch {b}, K={bench.cql_samples}, obs {bench.obs_dim}, "
-          f"act {bench.act_dim}; {flops / 1e9:.2f} GFLOP (matmul) per update; fp32 mm peak {peak:.0f} GFLOP/s")
+    print(
+        f"device: {name}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{'CPU' if bench.cpu_time else 'wall'} time"
+    )
+    print(
+        f"size: N={n}, hidden {bench.hidden}x2, batch {b}, K={bench.cql_samples}, obs {bench.obs_dim}, "
+        f"act {bench.act_dim}; {flops / 1e9:.2f} GFLOP (matmul) per update; fp32 mm peak {peak:.0f} GFLOP/s"
+    )
     print("| implementation | updates/s | GFLOP/s | % of mm peak | 1M updates |")
     print("|---|---|---|---|---|", flush=True)
     rows = {}

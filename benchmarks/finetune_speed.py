@@ -84,11 +84,13 @@ def looped(module: nn.Module) -> nn.Module:
 
 
 def fake_data(m: int, obs_dim: int, act_dim: int, rng) -> dict:
-    return {"observations": rng.standard_normal((m, obs_dim), dtype=np.float32),
-            "actions": rng.uniform(-1, 1, (m, act_dim)).astype(np.float32),
-            "rewards": rng.standard_normal(m, dtype=np.float32),
-            "next_observations": rng.standard_normal((m, obs_dim), dtype=np.float32),
-            "terminals": np.zeros(m, np.float32)}
+    return {
+        "observations": rng.standard_normal((m, obs_dim), dtype=np.float32),
+        "actions": rng.uniform(-1, 1, (m, act_dim)).astype(np.float32),
+        "rewards": rng.standard_normal(m, dtype=np.float32),
+        "next_observations": rng.standard_normal((m, obs_dim), dtype=np.float32),
+        "terminals": np.zeros(m, np.float32),
+    }
 
 
 class Setup:
@@ -104,8 +106,15 @@ class Setup:
         if loop:
             actor, critic, target = looped(lr.actor), looped(lr.critic), looped(lr.critic_target)
             sac_params = [*actor.parameters(), *critic.parameters(), lr.log_alpha]
-            lr = ft.Learner(actor, critic, target, lr.log_alpha, lr.ratio,
-                            torch.optim.Adam(sac_params, lr=fargs.lr, fused=True), lr.ratio_opt)
+            lr = ft.Learner(
+                actor,
+                critic,
+                target,
+                lr.log_alpha,
+                lr.ratio,
+                torch.optim.Adam(sac_params, lr=fargs.lr, fused=True),
+                lr.ratio_opt,
+            )
         self.lr, self.env, self.fargs, self.device = lr, env, fargs, device
         self.buf = ft.Replay(data, capacity, device, fargs.init_online_fraction)
         self.obs, _ = env.reset(seed=args.seed)
@@ -165,10 +174,14 @@ def main(args: Args) -> None:
         torch.testing.assert_close(vec.critic(o.repeat(2, 1, 1), a), loop.critic(o.repeat(2, 1, 1), a))
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu} ({os.cpu_count()} cores)"
-    print(f"device: {name}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"load average {os.getloadavg()[0]:.1f}")
-    print(f"size: N={args.members}, hidden {args.hidden}x2, batch {args.batch_size}, {args.env} "
-          f"(obs {od}, act {ad}), {args.offline_size} offline transitions in the sum-tree")
+    print(
+        f"device: {name}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"size: N={args.members}, hidden {args.hidden}x2, batch {args.batch_size}, {args.env} "
+        f"(obs {od}, act {ad}), {args.offline_size} offline transitions in the sum-tree"
+    )
     for s in setups.values():
         s.iterate(args.warmup)
     rates = {k: [] for k in setups}
@@ -178,8 +191,7 @@ def main(args: Args) -> None:
     med = {k: statistics.median(v) for k, v in rates.items()}
     print("| implementation | iterations/s (median) | all repeats | 250k online steps |\n|---|---|---|---|")
     for k in setups:
-        print(f"| {k} | {med[k]:.1f} | {', '.join(f'{r:.1f}' for r in rates[k])} | "
-              f"{254_000 / med[k] / 3600:.1f} h |")
+        print(f"| {k} | {med[k]:.1f} | {', '.join(f'{r:.1f}' for r in rates[k])} | {254_000 / med[k] / 3600:.1f} h |")
     print(f"speed-up of the vectorized iteration over the loop: {med['vectorized'] / med['loop']:.2f}x")
 
     # profile of the vectorized iteration: sections timed separately (each synchronized), interleaved over
@@ -190,9 +202,13 @@ def main(args: Args) -> None:
     uniform = ft.Args(batch_size=args.batch_size, replay="uniform")
     sections = {
         "env step (ensemble policy sample + MuJoCo)": lambda: s.step_env(n),
-        "sum-tree sample + gather of the batch": lambda: [s.buf.sample_rl(args.batch_size, "balanced") for _ in range(n)],
+        "sum-tree sample + gather of the batch": lambda: [
+            s.buf.sample_rl(args.batch_size, "balanced") for _ in range(n)
+        ],
         "sum-tree priority update": lambda: [s.buf.tree.update(idx, prio) for _ in range(n)],
-        "SAC step of the ensemble (incl. uniform sample)": lambda: [ft.train_step(s.lr, s.buf, uniform) for _ in range(n)],
+        "SAC step of the ensemble (incl. uniform sample)": lambda: [
+            ft.train_step(s.lr, s.buf, uniform) for _ in range(n)
+        ],
         "full update (balanced)": lambda: [ft.train_step(s.lr, s.buf, fargs) for _ in range(n)],
     }
     times = {k: [] for k in sections}
@@ -202,8 +218,7 @@ def main(args: Args) -> None:
             s.flush()
     parts = {k: statistics.median(v) for k, v in times.items()}
     full = parts.pop("full update (balanced)")
-    parts["density-ratio step + priorities + transfers (rest)"] = full - sum(
-        parts[k] for k in list(parts)[1:4])
+    parts["density-ratio step + priorities + transfers (rest)"] = full - sum(parts[k] for k in list(parts)[1:4])
     total = parts["env step (ensemble policy sample + MuJoCo)"] + full
     print("| section (vectorized) | ms / iteration | share |\n|---|---|---|")
     for k, v in parts.items():

@@ -3,6 +3,7 @@ one seed each) and a markdown table of their start / common-step / last / best s
 
 usage: python docs/compare_runs.py OUT.png MAX_ENV_STEPS "Label=run_dir" ...
 (plot.py draws mean +- s.e. over seeds from benchmark.py's grid; this draws single named runs.)"""
+
 import csv
 import os
 import sys
@@ -21,16 +22,30 @@ for spec in specs:
     if not os.path.exists(path):
         print(f"(no evals.csv in {run})", file=sys.stderr)
         continue
-    ev = [r for r in csv.DictReader(open(path)) if r["phase"] == "online" and r["policy"] in ("policy", "ensemble")
-          and int(r["env_steps"]) <= max_steps]
+    ev = [
+        r
+        for r in csv.DictReader(open(path))
+        if r["phase"] == "online" and r["policy"] in ("policy", "ensemble") and int(r["env_steps"]) <= max_steps
+    ]
     if not ev:
         continue
     x = [int(r["env_steps"]) for r in ev]
     y = [float(r["normalized_score"]) for r in ev]
     ax.plot(x, y, marker="o", markersize=2.5, linewidth=1.4, label=label)
     off = [r for r in csv.DictReader(open(path)) if r["phase"] == "offline"]
-    rows.append((label, x[0], y[0], x[-1], y[-1], max(y), off[-1]["updates"] if off else "0",
-                 os.path.basename(run.rstrip("/")), dict(zip(x, y))))
+    rows.append(
+        (
+            label,
+            x[0],
+            y[0],
+            x[-1],
+            y[-1],
+            max(y),
+            off[-1]["updates"] if off else "0",
+            os.path.basename(run.rstrip("/")),
+            dict(zip(x, y)),
+        )
+    )
 ax.set_xlabel("online environment steps")
 ax.set_ylabel("D4RL normalized score")
 ax.set_title("halfcheetah medium (HalfCheetah-v5, local dataset); one run each", fontsize=10)

@@ -47,11 +47,20 @@ def write_tiny_dataset(env: str, kind: str, episodes: int = 3, steps: int = 50, 
             o.append(obs), a.append(act), r.append(rew), te.append(term), tr.append(trunc)
             if term or trunc:
                 break
-        buffers.append(EpisodeBuffer(id=i, observations=np.array(o), actions=np.array(a),
-                                     rewards=np.array(r), terminations=np.array(te),
-                                     truncations=np.array(tr), infos={}))
-    minari.create_dataset_from_buffers(ds_id, buffers, env=env_id, algorithm_name="random",
-                                       ref_min_score=-20.272305, ref_max_score=3234.3)
+        buffers.append(
+            EpisodeBuffer(
+                id=i,
+                observations=np.array(o),
+                actions=np.array(a),
+                rewards=np.array(r),
+                terminations=np.array(te),
+                truncations=np.array(tr),
+                infos={},
+            )
+        )
+    minari.create_dataset_from_buffers(
+        ds_id, buffers, env=env_id, algorithm_name="random", ref_min_score=-20.272305, ref_max_score=3234.3
+    )
     return ds_id
 
 

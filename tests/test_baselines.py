@@ -13,9 +13,11 @@ from baselines import awac, bcq_ft, sac_ft
 MODULES = [sac_ft, awac, bcq_ft]
 IDS = [m.__name__.split(".")[-1] for m in MODULES]
 # tiny networks so an end-to-end run takes seconds; the schedule's shape is unchanged
-TINY_NETS = {"sac_ft": {"hidden": 32}, "awac": {"hidden": 32, "actor_layers": 2},
-             "bcq_ft": {"vae_hidden": 32, "num_samples": 4}}
-
+TINY_NETS = {
+    "sac_ft": {"hidden": 32},
+    "awac": {"hidden": 32, "actor_layers": 2},
+    "bcq_ft": {"vae_hidden": 32, "num_samples": 4},
+}
 
 
 # ---------------------------------------------------------------------------- AWAC's weights
@@ -99,15 +101,26 @@ def test_bcq_target_soft_clipped_double_q():
 def test_replay_samples_both_sources_in_proportion(mod):
     rng = np.random.default_rng(0)
     m, n_on, obs_dim, act_dim = 3000, 1000, 3, 2
-    data = {"observations": rng.normal(size=(m, obs_dim)).astype(np.float32),
-            "actions": rng.uniform(-1, 1, (m, act_dim)).astype(np.float32),
-            "rewards": -np.ones(m, np.float32), "next_observations": rng.normal(size=(m, obs_dim)).astype(np.float32),
-            "terminals": np.zeros(m, np.float32)}
+    data = {
+        "observations": rng.normal(size=(m, obs_dim)).astype(np.float32),
+        "actions": rng.uniform(-1, 1, (m, act_dim)).astype(np.float32),
+        "rewards": -np.ones(m, np.float32),
+        "next_observations": rng.normal(size=(m, obs_dim)).astype(np.float32),
+        "terminals": np.zeros(m, np.float32),
+    }
     buf = mod.Replay(data, online_capacity=2 * n_on)
     np.random.seed(0)
     assert (buf.sample(1000, torch.device("cpu"))[2] == -1).all()  # offline only before any online row
-    online = np.concatenate([np.full((n_on, obs_dim), 7.0), np.zeros((n_on, act_dim)), np.ones((n_on, 1)),
-                             np.full((n_on, obs_dim), 8.0), np.ones((n_on, 1))], 1).astype(np.float32)
+    online = np.concatenate(
+        [
+            np.full((n_on, obs_dim), 7.0),
+            np.zeros((n_on, act_dim)),
+            np.ones((n_on, 1)),
+            np.full((n_on, obs_dim), 8.0),
+            np.ones((n_on, 1)),
+        ],
+        1,
+    ).astype(np.float32)
     buf.add_online(online)
     draws = 200_000
     s, a, r, s2, d = buf.sample(draws, torch.device("cpu"))
@@ -122,9 +135,21 @@ def test_replay_samples_both_sources_in_proportion(mod):
 # ---------------------------------------------------------------------------- end to end
 def tiny_args(mod, run_dir, env="hopper", **kw):
     name = mod.__name__.split(".")[-1]
-    base = dict(env=env, dataset="medium-replay", seed=3, device="cpu", run_dir=str(run_dir),
-                offline_updates=4, eval_every=2, log_every=2, online_steps=40, epoch_steps=20,
-                first_epoch_multiplier=2, eval_episodes=1, batch_size=16)
+    base = dict(
+        env=env,
+        dataset="medium-replay",
+        seed=3,
+        device="cpu",
+        run_dir=str(run_dir),
+        offline_updates=4,
+        eval_every=2,
+        log_every=2,
+        online_steps=40,
+        epoch_steps=20,
+        first_epoch_multiplier=2,
+        eval_episodes=1,
+        batch_size=16,
+    )
     return mod.Args(**{**base, **TINY_NETS[name], **kw})
 
 
@@ -140,13 +165,25 @@ def test_tiny_end_to_end_run(mod, tiny_dataset, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"run dir: {tmp_path / 'run'}" in out and "checkpoint: " in out
     header, rows = read_evals(tmp_path / "run")
-    assert header == ["phase", "updates", "env_steps", "policy", "return_mean", "return_std",
-                      "normalized_score", "wall_time_s"]
+    assert header == [
+        "phase",
+        "updates",
+        "env_steps",
+        "policy",
+        "return_mean",
+        "return_std",
+        "normalized_score",
+        "wall_time_s",
+    ]
     # offline evals at 2 and 4 updates; the start of fine-tuning; then one per epoch of 20 env steps
     # (the first epoch does 2 x 20 updates, the second 20)
     assert [(r[0], int(r[1]), int(r[2]), r[3]) for r in rows] == [
-        ("offline", 2, 0, "policy"), ("offline", 4, 0, "policy"), ("online", 4, 0, "policy"),
-        ("online", 44, 20, "policy"), ("online", 64, 40, "policy")]
+        ("offline", 2, 0, "policy"),
+        ("offline", 4, 0, "policy"),
+        ("online", 4, 0, "policy"),
+        ("online", 44, 20, "policy"),
+        ("online", 64, 40, "policy"),
+    ]
     assert all(np.isfinite(float(r[6])) for r in rows)
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ck["format"] == f"off2on-{mod.SCRIPT}/1" and ck["updates"] == 64 and ck["env_steps"] == 40

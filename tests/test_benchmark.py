@@ -9,13 +9,13 @@ import sys
 import time
 
 import pytest
+from conftest import ROOT
 
 import benchmark as bm
-from conftest import ROOT
 
 # A stand-in for every script: makes datasets, ensemble files and runs with evals.csv, one
 # checkpoint per evaluation; FAKE_CRASH=<run dir name>:<step> exits 1 there (an interrupted run).
-FAKE = r'''
+FAKE = r"""
 import json, os, sys, time
 a = sys.argv[1:]
 def opt(name, default=None):
@@ -52,7 +52,7 @@ for step in range(start + every, total + 1, every):
 if opt("--export-path"):
     os.makedirs(os.path.dirname(opt("--export-path")), exist_ok=True)
     open(opt("--export-path"), "w").write("ensemble")
-'''
+"""
 
 
 @pytest.fixture
@@ -72,9 +72,16 @@ def fake(tmp_path, monkeypatch):
 
 
 def make_args(tmp_path, **kw):
-    base = dict(methods=("off2on", "sac", "awac"), envs=("hopper",),
-                datasets=("medium-replay", "medium"), seeds=(0, 1), out=str(tmp_path / "out"),
-                online_steps=4, eval_every=2, minari_dir=str(tmp_path / "minari"))
+    base = dict(
+        methods=("off2on", "sac", "awac"),
+        envs=("hopper",),
+        datasets=("medium-replay", "medium"),
+        seeds=(0, 1),
+        out=str(tmp_path / "out"),
+        online_steps=4,
+        eval_every=2,
+        minari_dir=str(tmp_path / "minari"),
+    )
     base.update(kw)
     return bm.Args(**base)
 
@@ -89,9 +96,14 @@ def run_serially(jobs, lock=""):
 
 def test_grid_expansion(tmp_path, fake):
     scripts, _ = fake
-    jobs = bm.expand(make_args(tmp_path, extra=("off2on=--replay uniform", "all=--device cpu",
-                                                "make_dataset=--steps 100"),
-                               pretrain_eval_every=500), scripts)
+    jobs = bm.expand(
+        make_args(
+            tmp_path,
+            extra=("off2on=--replay uniform", "all=--device cpu", "make_dataset=--steps 100"),
+            pretrain_eval_every=500,
+        ),
+        scripts,
+    )
     names = [j.name for j in jobs]
     # 1 dataset job + 2 datasets x 2 seeds pretraining + (off2on, awac) x 2 x 2 + sac x 2 seeds
     assert len(jobs) == 1 + 4 + 8 + 2
@@ -136,14 +148,23 @@ def test_grid_options(tmp_path, fake):
     jobs = bm.expand(make_args(tmp_path, methods=("awac",), datasets=("/data/hopper-x.hdf5",)), scripts)
     assert [j.name for j in jobs] == ["hopper__hopper-x__awac__seed0", "hopper__hopper-x__awac__seed1"]
     # explicit tasks instead of the envs x datasets product; SAC once per env
-    jobs = bm.expand(make_args(tmp_path, envs=(), datasets=(), tasks=(
-        "hopper:medium-replay", "walker2d:medium", "walker2d:random")), scripts)
+    jobs = bm.expand(
+        make_args(tmp_path, envs=(), datasets=(), tasks=("hopper:medium-replay", "walker2d:medium", "walker2d:random")),
+        scripts,
+    )
     assert [j.name for j in jobs if j.stage == "dataset"] == ["hopper__make_dataset", "walker2d__make_dataset"]
     assert next(j for j in jobs if j.name == "walker2d__make_dataset").cmd[-3:] == ["--kinds", "medium", "random"]
     runs = {j.name.rsplit("__seed", 1)[0] for j in jobs if j.stage == "run"}
-    assert runs == {"hopper__medium-replay__off2on", "hopper__medium-replay__awac", "hopper__none__sac",
-                    "walker2d__medium__off2on", "walker2d__medium__awac", "walker2d__random__off2on",
-                    "walker2d__random__awac", "walker2d__none__sac"}
+    assert runs == {
+        "hopper__medium-replay__off2on",
+        "hopper__medium-replay__awac",
+        "hopper__none__sac",
+        "walker2d__medium__off2on",
+        "walker2d__medium__awac",
+        "walker2d__random__off2on",
+        "walker2d__random__awac",
+        "walker2d__none__sac",
+    }
     # --prepare-only: datasets and ensembles only
     jobs = bm.expand(make_args(tmp_path, prepare_only=True), scripts)
     assert {j.stage for j in jobs} == {"dataset", "pretrain"} and len(jobs) == 5
@@ -175,7 +196,7 @@ def test_skip_resume_and_collect(tmp_path, fake, monkeypatch):
     monkeypatch.delenv("FAKE_CRASH")
     jobs = bm.expand(args, scripts)  # the same grid again, from a fresh planner
     res = run_serially(jobs, lock=str(tmp_path / "heavy.lock"))
-    again = invocations()[len(jobs):]
+    again = invocations()[len(jobs) :]
     assert len(again) == 1 and "--resume" in again[0] and "awac__seed1" in again[0]
     assert res["hopper__medium__awac__seed1"]["status"] == "done"
     assert res["hopper__medium__awac__seed1"]["resumed"]
@@ -194,8 +215,16 @@ def test_skip_resume_and_collect(tmp_path, fake, monkeypatch):
         rows = list(csv.DictReader(f))
     assert len(rows) == n == (2 * 2 * 2 + 2 * 2) * 2  # (off2on, awac) x 2 ds x 2 seeds + sac x 2 ds x 2
     assert list(rows[0])[:5] == ["env", "dataset", "method", "seed", "finished"]
-    assert list(rows[0])[5:] == ["phase", "updates", "env_steps", "policy", "return_mean",
-                                 "return_std", "normalized_score", "wall_time_s"]
+    assert list(rows[0])[5:] == [
+        "phase",
+        "updates",
+        "env_steps",
+        "policy",
+        "return_mean",
+        "return_std",
+        "normalized_score",
+        "wall_time_s",
+    ]
     sac = [r for r in rows if r["method"] == "sac" and r["seed"] == "1"]
     assert sorted(r["dataset"] for r in sac) == ["medium", "medium", "medium-replay", "medium-replay"]
     assert {r["normalized_score"] for r in sac} == {"12", "14"}  # 10 * seed + step
@@ -216,14 +245,14 @@ def test_ray_local_two_jobs(tmp_path, fake):
     assert len(invocations()) == 2
 
 
-DRIVER = r'''
+DRIVER = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
 import benchmark as bm
 args = bm.Args(methods=("sac",), envs=("hopper",), datasets=("medium",), seeds=(0,), out=sys.argv[2],
                online_steps=4, eval_every=2, minari_dir=sys.argv[3], workers=1)
 sys.exit(bm.main(args, scripts={name: sys.argv[4] for name in bm.SCRIPTS}))
-'''
+"""
 
 
 def _gone(pid: int) -> bool:
@@ -247,8 +276,12 @@ def test_signal_stops_sweep_and_its_runs(tmp_path, fake, sig):
     env = {**os.environ, "FAKE_SLEEP": "300"}
     proc = subprocess.Popen(
         [sys.executable, str(tmp_path / "driver.py"), ROOT, str(out), str(tmp_path / "minari"), scripts["sac"]],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
     pid_file = out / "runs" / "hopper__none__sac__seed0" / "pid"
     try:
         deadline = time.time() + 120

@@ -5,7 +5,6 @@ import glob
 import os
 
 import pytest
-
 from conftest import ROOT
 
 SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "off2on_*.py")) + glob.glob(os.path.join(ROOT, "baselines", "*.py")))
@@ -31,8 +30,8 @@ def test_sections_identical(title):
     reference = section(SCRIPTS[0], title)
     for path in SCRIPTS[1:]:
         assert section(path, title) == reference, (
-            f"'{title}' section of {os.path.relpath(path, ROOT)} differs from "
-            f"{os.path.relpath(SCRIPTS[0], ROOT)}")
+            f"'{title}' section of {os.path.relpath(path, ROOT)} differs from {os.path.relpath(SCRIPTS[0], ROOT)}"
+        )
 
 
 def test_ensemble_networks_identical():

@@ -11,16 +11,28 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import off2on_cql_ensemble as cq
 from conftest import OFFICIAL, ROOT
 
+import off2on_cql_ensemble as cq
 
 
 def tiny_args(tmp_path, name="run", **kw):
-    base = dict(env="hopper", dataset="medium-replay", device="cpu", members=2, hidden=16, batch_size=8,
-                cql_samples=2, offline_updates=20, bc_steps=5, eval_episodes=0, log_every=5,
-                checkpoint_every=10, run_dir=str(tmp_path / name), export_path=str(tmp_path / f"{name}.pt"))
+    base = dict(
+        env="hopper",
+        dataset="medium-replay",
+        device="cpu",
+        members=2,
+        hidden=16,
+        batch_size=8,
+        cql_samples=2,
+        offline_updates=20,
+        bc_steps=5,
+        eval_episodes=0,
+        log_every=5,
+        checkpoint_every=10,
+        run_dir=str(tmp_path / name),
+        export_path=str(tmp_path / f"{name}.pt"),
+    )
     base.update(kw)
     return cq.Args(**base)
 
@@ -51,8 +63,8 @@ def test_tanh_log_prob_matches_change_of_variables():
     mu, log_std = torch.randn(4, 3), torch.randn(4, 3).clamp(-2, 1)
     u = mu + log_std.exp() * torch.randn(4, 3) * 3  # includes large |u| where tanh saturates
     ref = torch.distributions.TransformedDistribution(
-        torch.distributions.Normal(mu.double(), log_std.exp().double()),
-        torch.distributions.transforms.TanhTransform())
+        torch.distributions.Normal(mu.double(), log_std.exp().double()), torch.distributions.transforms.TanhTransform()
+    )
     want = ref.log_prob(torch.tanh(u.double()).clamp(-1 + 1e-12, 1 - 1e-12)).sum(-1)
     got = cq.tanh_log_prob(u, mu, log_std)
     finite = torch.tanh(u.double()).abs().max(-1).values < 1 - 1e-6  # where the double reference is exact
@@ -65,9 +77,13 @@ def test_pessimism_on_narrow_data():
     at dataset actions than at uniform actions."""
     torch.manual_seed(0)
     m, obs_dim, act_dim = 2000, 3, 2
-    data = {"observations": torch.randn(m, obs_dim), "next_observations": torch.randn(m, obs_dim),
-            "actions": 0.3 + 0.2 * torch.rand(m, act_dim), "rewards": torch.randn(m),
-            "terminals": torch.zeros(m)}
+    data = {
+        "observations": torch.randn(m, obs_dim),
+        "next_observations": torch.randn(m, obs_dim),
+        "actions": 0.3 + 0.2 * torch.rand(m, act_dim),
+        "rewards": torch.randn(m),
+        "terminals": torch.zeros(m),
+    }
     args = cq.Args(members=2, hidden=32, batch_size=64, bc_steps=20)
     agent = cq.Agent(obs_dim, act_dim, 2, 32, args, "cpu")
     for step in range(300):
@@ -128,7 +144,8 @@ def test_smoke_run_writes_evals_and_spec_file(tmp_path, tiny_dataset, capsys):
     assert args.run_dir in out and path in out
     rows = list(csv.DictReader(open(tmp_path / "run" / "evals.csv")))
     assert [(r["updates"], r["policy"]) for r in rows] == [
-        (u, p) for u in ("3", "6") for p in ("member0", "member1", "ensemble")]
+        (u, p) for u in ("3", "6") for p in ("member0", "member1", "ensemble")
+    ]
     assert all(r["phase"] == "offline" for r in rows)
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "run"))
     f = torch.load(path, weights_only=True)  # the hand-off format of SPEC.md
@@ -148,8 +165,9 @@ def test_resume_is_exact(tmp_path, tiny_dataset):
     cq.main(tiny_args(tmp_path, "b", offline_updates=10))
     first = torch.load(tmp_path / "b.pt", weights_only=True)
     assert first["updates"] == 10
-    resumed = torch.load(cq.main(cq.Args(resume=True, run_dir=str(tmp_path / "b"), offline_updates=20,
-                                         device="cpu")), weights_only=True)
+    resumed = torch.load(
+        cq.main(cq.Args(resume=True, run_dir=str(tmp_path / "b"), offline_updates=20, device="cpu")), weights_only=True
+    )
     assert resumed["updates"] == straight["updates"] == 20
     for key in ("actor", "critic", "critic_target"):
         for name, t in straight[key].items():
@@ -165,8 +183,15 @@ def test_resume_is_exact(tmp_path, tiny_dataset):
 # ----------------------------------------------------------------------------- import
 @pytest.mark.skipif(not os.path.isdir(OFFICIAL), reason="../shared/official-cql-checkpoints is absent")
 def test_import_official_reproduces_their_actions(tmp_path):
-    path = cq.main(cq.Args(import_official=OFFICIAL, env="halfcheetah", dataset="medium",
-                           export_path=str(tmp_path / "off.pt"), eval_episodes=0))
+    path = cq.main(
+        cq.Args(
+            import_official=OFFICIAL,
+            env="halfcheetah",
+            dataset="medium",
+            export_path=str(tmp_path / "off.pt"),
+            eval_episodes=0,
+        )
+    )
     f = torch.load(path, weights_only=True)
     assert (f["members"], f["obs_dim"], f["act_dim"], f["hidden"], f["updates"]) == (5, 17, 6, 256, 1_000_000)
     actor, critic = cq.EnsembleActor(17, 6, 5, 256), cq.EnsembleCritic(17, 6, 5, 256)
@@ -178,15 +203,18 @@ def test_import_official_reproduces_their_actions(tmp_path):
         mu, log_std = actor(obs.expand(5, -1, -1))
         q = critic(obs.expand(10, -1, -1), act.expand(10, -1, -1))
     for i, seed in enumerate((0, 4, 8, 12, 16)):
-        load = lambda part: torch.load(os.path.join(OFFICIAL, f"seed{seed}", f"{part}_1000000.pt"),
-                                       map_location="cpu", weights_only=True)
+        load = lambda part: torch.load(
+            os.path.join(OFFICIAL, f"seed{seed}", f"{part}_1000000.pt"), map_location="cpu", weights_only=True
+        )
         sd = load("actor")
         assert torch.equal(f["actor"]["net.0.weight"][i], sd["fc0.weight"].t())  # bit-exact weights
         h = F.relu(F.linear(F.relu(F.linear(obs, sd["fc0.weight"], sd["fc0.bias"])), sd["fc1.weight"], sd["fc1.bias"]))
-        assert torch.allclose(torch.tanh(mu[i]), torch.tanh(F.linear(h, sd["last_fc.weight"], sd["last_fc.bias"])),
-                              atol=1e-5)
-        assert torch.allclose(log_std[i], F.linear(h, sd["last_fc_log_std.weight"], sd["last_fc_log_std.bias"])
-                              .clamp(-20, 2), atol=1e-5)
+        assert torch.allclose(
+            torch.tanh(mu[i]), torch.tanh(F.linear(h, sd["last_fc.weight"], sd["last_fc.bias"])), atol=1e-5
+        )
+        assert torch.allclose(
+            log_std[i], F.linear(h, sd["last_fc_log_std.weight"], sd["last_fc_log_std.bias"]).clamp(-20, 2), atol=1e-5
+        )
         for row, part in ((i, "critic1"), (5 + i, "critic2")):
             c = load(part)
             x = torch.cat([obs, act], -1)
@@ -234,8 +262,12 @@ def test_bad_checkpoints_give_one_line(tmp_path, tiny_dataset):
     assert "no seed*/" in one_line_error(e)
 
     (run / "checkpoint.pt").write_bytes(b"\x00garbage" * 10)  # corrupt: the CLI prints one line, exit 2
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "off2on_cql_ensemble.py"), "--resume",
-                        "--run-dir", str(run)], capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "off2on_cql_ensemble.py"), "--resume", "--run-dir", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2
     assert p.stderr.startswith("error: ") and "not a readable checkpoint" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1

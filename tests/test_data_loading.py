@@ -62,20 +62,24 @@ def test_minari_dataset_to_transitions(tiny_dataset):
 def test_missing_local_dataset_names_the_make_command():
     with pytest.raises(sac.InputError) as e:
         sac.load_dataset("walker2d", "medium-expert")
-    assert str(e.value) == ("no local dataset off2on/walker2d/medium-expert-v0; make it with: "
-                            "python make_dataset.py --env walker2d --kinds medium-expert")
+    assert str(e.value) == (
+        "no local dataset off2on/walker2d/medium-expert-v0; make it with: "
+        "python make_dataset.py --env walker2d --kinds medium-expert"
+    )
 
 
 def test_bad_inputs_are_one_line(tmp_path):
     (tmp_path / "corrupt.hdf5").write_bytes(b"\x89HDF\r\n garbage")
     with h5py.File(tmp_path / "partial.hdf5", "w") as f:
         f["observations"] = np.zeros((3, 11))
-    cases = [("ant", "medium", "unknown env 'ant'"),
-             ("hopper", "mediumm", "unknown dataset 'mediumm'"),
-             ("hopper", str(tmp_path / "missing.hdf5"), "no such file"),
-             ("hopper", str(tmp_path / "corrupt.hdf5"), "is not a D4RL-layout hdf5 file"),
-             ("hopper", str(tmp_path / "partial.hdf5"), "is not a D4RL-layout hdf5 file"),
-             ("hopper", "nonexistent/dataset-v0", "could not load Minari dataset nonexistent/dataset-v0")]
+    cases = [
+        ("ant", "medium", "unknown env 'ant'"),
+        ("hopper", "mediumm", "unknown dataset 'mediumm'"),
+        ("hopper", str(tmp_path / "missing.hdf5"), "no such file"),
+        ("hopper", str(tmp_path / "corrupt.hdf5"), "is not a D4RL-layout hdf5 file"),
+        ("hopper", str(tmp_path / "partial.hdf5"), "is not a D4RL-layout hdf5 file"),
+        ("hopper", "nonexistent/dataset-v0", "could not load Minari dataset nonexistent/dataset-v0"),
+    ]
     for env, dataset, message in cases:
         with pytest.raises(sac.InputError, match=message) as e:
             sac.load_dataset(env, dataset)

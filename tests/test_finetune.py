@@ -10,28 +10,50 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from scipy import stats
 
 import off2on_finetune as ft
-from conftest import ROOT
-
 
 
 def ensemble_file(path, env="hopper", dataset="medium-replay", obs_dim=11, act_dim=3, n=3, hidden=16, seed=0):
     """An ensemble file in the SPEC.md hand-off format, made from the shared nets."""
     torch.manual_seed(seed)
     actor, critic = ft.EnsembleActor(obs_dim, act_dim, n, hidden), ft.EnsembleCritic(obs_dim, act_dim, n, hidden)
-    torch.save({"format": "off2on-cql-ensemble/1", "env": env, "dataset": dataset, "obs_dim": obs_dim,
-                "act_dim": act_dim, "members": n, "hidden": hidden, "actor": actor.state_dict(),
-                "critic": critic.state_dict(), "critic_target": critic.state_dict(), "log_alpha": torch.zeros(n),
-                "updates": 0}, path)
+    torch.save(
+        {
+            "format": "off2on-cql-ensemble/1",
+            "env": env,
+            "dataset": dataset,
+            "obs_dim": obs_dim,
+            "act_dim": act_dim,
+            "members": n,
+            "hidden": hidden,
+            "actor": actor.state_dict(),
+            "critic": critic.state_dict(),
+            "critic_target": critic.state_dict(),
+            "log_alpha": torch.zeros(n),
+            "updates": 0,
+        },
+        path,
+    )
     return str(path)
 
 
 def tiny_args(tmp_path, name="run", **kw):
-    base = dict(env="hopper", dataset="medium-replay", device="cpu", checkpoint=str(tmp_path / "ens.pt"),
-                online_steps=60, epoch_steps=20, first_epoch_multiplier=2, eval_every=20, eval_episodes=2,
-                batch_size=16, run_dir=str(tmp_path / name))
+    base = dict(
+        env="hopper",
+        dataset="medium-replay",
+        device="cpu",
+        checkpoint=str(tmp_path / "ens.pt"),
+        online_steps=60,
+        epoch_steps=20,
+        first_epoch_multiplier=2,
+        eval_every=20,
+        eval_episodes=2,
+        batch_size=16,
+        run_dir=str(tmp_path / name),
+    )
     base.update(kw)
     return ft.Args(**base)
 
@@ -73,7 +95,7 @@ def test_sumtree_batch_update_with_repeated_indices():
     tree.update(np.arange(10), np.ones(10))
     idx, vals = np.array([3, 3, 5, 3, 9, 5]), np.array([1.5, 2.0, 3.0, 4.0, 0.25, 7.0])
     tree.update(idx, vals)
-    leaves = tree.nodes[tree.start:tree.start + 10]
+    leaves = tree.nodes[tree.start : tree.start + 10]
     assert leaves[3] == 4.0 and leaves[5] == 7.0 and leaves[9] == 0.25  # the last write wins
     ref = sequential(10, np.r_[np.arange(10), idx], np.r_[np.ones(10), vals])
     np.testing.assert_array_equal(tree.nodes, ref.nodes)
@@ -89,7 +111,7 @@ def test_sumtree_totals_after_many_updates():
         tree.update(idx, rng.exponential(size=64) * rng.choice([1e-3, 1.0, 1e3], 64))
     inner = np.arange(tree.start)
     np.testing.assert_array_equal(tree.nodes[inner], tree.nodes[2 * inner + 1] + tree.nodes[2 * inner + 2])
-    leaves = tree.nodes[tree.start:tree.start + cap]
+    leaves = tree.nodes[tree.start : tree.start + cap]
     assert tree.nodes[0] == pytest.approx(leaves.sum(), rel=1e-12)
     fresh = ft.SumTree(cap)
     fresh.update(np.arange(cap), leaves)  # the tree a resumed run rebuilds from the saved leaves
@@ -99,17 +121,21 @@ def test_sumtree_totals_after_many_updates():
 # ----------------------------------------------------------------------------- balanced replay
 def test_replay_initial_online_share_and_max_priority():
     m, d = 4000, 2
-    data = {"observations": np.zeros((m, d), np.float32), "actions": np.zeros((m, 1), np.float32),
-            "rewards": np.zeros(m, np.float32), "next_observations": np.zeros((m, d), np.float32),
-            "terminals": np.zeros(m, np.float32)}
+    data = {
+        "observations": np.zeros((m, d), np.float32),
+        "actions": np.zeros((m, 1), np.float32),
+        "rewards": np.zeros(m, np.float32),
+        "next_observations": np.zeros((m, d), np.float32),
+        "terminals": np.zeros(m, np.float32),
+    }
     for f in (0.5, 0.1):
         buf = ft.Replay(data, 2000, torch.device("cpu"), init_online_fraction=f)
         assert buf.max_priority == pytest.approx(m * f / ((1 - f) * 1000))
         buf.add_online(np.ones((1000, buf.rows.shape[1]), np.float32))
-        online_mass = buf.tree.nodes[buf.tree.start + m:buf.tree.start + m + 1000].sum()
+        online_mass = buf.tree.nodes[buf.tree.start + m : buf.tree.start + m + 1000].sum()
         assert online_mass / buf.tree.nodes[0] == pytest.approx(f)  # the first 1,000 online rows hold f
-        assert torch.equal(buf.rows[m:m + 1000], torch.ones(1000, buf.rows.shape[1]))
-    s, a, r, s2, dn = buf.split(buf.rows[m - 1:m + 1])
+        assert torch.equal(buf.rows[m : m + 1000], torch.ones(1000, buf.rows.shape[1]))
+    s, a, r, s2, dn = buf.split(buf.rows[m - 1 : m + 1])
     assert s.shape == (2, d) and a.shape == (2, 1) and r.shape == (2,) and s2.shape == (2, d) and dn.shape == (2,)
 
 
@@ -150,8 +176,9 @@ def test_ratio_net_starts_at_one_like_the_authors():
         assert abs(w.mean().item() - 1.0) < 0.01 and w.std().item() < 0.01, (w.mean(), w.std())
     # PyTorch's default init (what rlkit's init replaces) fails the same check
     torch.manual_seed(0)
-    default = torch.nn.Sequential(torch.nn.Linear(23, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
-                                  torch.nn.ReLU(), torch.nn.Linear(256, 1))
+    default = torch.nn.Sequential(
+        torch.nn.Linear(23, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 1)
+    )
     torch.nn.init.constant_(default[4].bias, 1.0)
     with torch.no_grad():
         assert default(x).std().item() > 0.01
@@ -189,7 +216,8 @@ def test_moment_matching_equals_monte_carlo_of_the_mixture():
     k = 400_000  # the uniform mixture of the members' Gaussians
     member = torch.randint(0, n, (k, b, a))
     x = torch.gather(mu_i.expand(k, -1, -1, -1), 1, member[:, None]).squeeze(1) + torch.gather(
-        log_std_i.exp().expand(k, -1, -1, -1), 1, member[:, None]).squeeze(1) * torch.randn(k, b, a, dtype=torch.float64)
+        log_std_i.exp().expand(k, -1, -1, -1), 1, member[:, None]
+    ).squeeze(1) * torch.randn(k, b, a, dtype=torch.float64)
     torch.testing.assert_close(mu, x.mean(0), atol=0.02, rtol=0)
     torch.testing.assert_close(std**2, x.var(0), atol=0.0, rtol=0.02)
     # sigma is clamped to [e^-20, e^2]
@@ -204,8 +232,9 @@ def test_ensemble_policy_log_prob_is_the_tanh_gaussian_density():
     torch.manual_seed(2)
     act, logp = ft.ensemble_policy(actor, obs, 3)
     mu, std = ft.ensemble_moments(*actor(obs.expand(3, 5, 4)))
-    dist = torch.distributions.TransformedDistribution(torch.distributions.Normal(mu, std),
-                                                       [torch.distributions.TanhTransform()])
+    dist = torch.distributions.TransformedDistribution(
+        torch.distributions.Normal(mu, std), [torch.distributions.TanhTransform()]
+    )
     torch.testing.assert_close(logp, dist.log_prob(act).sum(-1), rtol=1e-6, atol=1e-6)
     torch.manual_seed(2)  # the same draw: u = mu + std * eps
     torch.testing.assert_close(act, torch.tanh(mu + std * torch.randn_like(mu)))
@@ -224,8 +253,9 @@ def test_sac_losses_match_a_member_by_member_hand_computation():
     s, a, s2 = torch.randn(b, od).double(), torch.rand(b, ad).double() * 2 - 1, torch.randn(b, od).double()
     r, d = torch.randn(b).double(), (torch.arange(b) % 3 == 1).double()
     torch.manual_seed(5)
-    critic_loss, actor_loss, alpha_loss, _ = ft.sac_losses(actor, critic, target, log_alpha, (s, a, r, s2, d),
-                                                           n, gamma, -float(ad))
+    critic_loss, actor_loss, alpha_loss, _ = ft.sac_losses(
+        actor, critic, target, log_alpha, (s, a, r, s2, d), n, gamma, -float(ad)
+    )
     torch.manual_seed(5)  # the same two noise draws, in order: for s' (target) then for s (actor)
     eps_next, eps = torch.randn(b, ad, dtype=torch.float64), torch.randn(b, ad, dtype=torch.float64)
 
@@ -259,7 +289,9 @@ def test_sac_losses_match_a_member_by_member_hand_computation():
             q1, q2 = member_q(target, i, s2, a2), member_q(target, n + i, s2, a2)
             assert (q1 < q2).any() and (q1 > q2).any()  # the test can tell min from either row
             y = r + (1 - d) * gamma * (torch.min(q1, q2) - alpha * logp2)
-            hand_critic += ((member_q(critic, i, s, a) - y) ** 2).mean() + ((member_q(critic, n + i, s, a) - y) ** 2).mean()
+            hand_critic += ((member_q(critic, i, s, a) - y) ** 2).mean() + (
+                (member_q(critic, n + i, s, a) - y) ** 2
+            ).mean()
             q1, q2 = member_q(critic, i, s, a_pi), member_q(critic, n + i, s, a_pi)
             assert (q1 < q2).any() and (q1 > q2).any()
             qmins.append(torch.min(q1, q2))
@@ -284,12 +316,15 @@ def test_tiny_end_to_end_run(tmp_path, tiny_dataset, capsys, replay, members):
     assert args.run_dir in out and os.path.join(args.run_dir, "checkpoint.pt") in out
     rows = evals(args.run_dir)
     assert [(r["phase"], r["policy"], r["env_steps"]) for r in rows] == [
-        ("online", "ensemble", str(s)) for s in (0, 20, 40, 60)]
+        ("online", "ensemble", str(s)) for s in (0, 20, 40, 60)
+    ]
     assert [int(r["updates"]) for r in rows] == [0, 40, 60, 80]  # first epoch x2
     assert all(np.isfinite(float(r["normalized_score"])) for r in rows)
     ck = torch.load(os.path.join(args.run_dir, "checkpoint.pt"), weights_only=True)
     k = members or 3
-    assert ck["members"] == k and ck["actor"]["mu.weight"].shape[0] == k and ck["critic"]["net.4.weight"].shape[0] == 2 * k
+    assert (
+        ck["members"] == k and ck["actor"]["mu.weight"].shape[0] == k and ck["critic"]["net.4.weight"].shape[0] == 2 * k
+    )
     assert ck["online"].shape == (60, 2 * 11 + 3 + 2) and (ck["env_steps"], ck["updates"]) == (60, 80)
     leaves = ck["priorities"].numpy()
     m = len(leaves) - 60
@@ -342,8 +377,11 @@ def test_resume_continues_exactly(tmp_path, tiny_dataset, monkeypatch):
     monkeypatch.setattr(ft, "save_checkpoint", real_save)
     assert len(evals(tmp_path / "b")) == 3  # start, epoch 1 and the unsaved epoch 2
     # the run's saved arguments rule: a different --env/--dataset on the command line is ignored
-    ft.main(ft.Args(resume=True, run_dir=str(tmp_path / "b"), online_steps=60, device="cpu", env="walker2d",
-                    dataset="not-used"))
+    ft.main(
+        ft.Args(
+            resume=True, run_dir=str(tmp_path / "b"), online_steps=60, device="cpu", env="walker2d", dataset="not-used"
+        )
+    )
     a, b = (torch.load(tmp_path / x / "checkpoint.pt", weights_only=True) for x in "ab")
     for key in ("actor", "critic", "critic_target", "ratio"):
         for name, t in a[key].items():
@@ -373,10 +411,24 @@ def test_consecutive_evaluations_start_from_different_states():
 def test_fine_tunes_an_export_of_off2on_cql_ensemble(tmp_path, tiny_dataset):
     cq = pytest.importorskip("off2on_cql_ensemble")
     tiny_dataset("hopper", "medium-replay")
-    path = cq.main(cq.Args(env="hopper", dataset="medium-replay", device="cpu", members=2, hidden=16,
-                           batch_size=8, cql_samples=2, offline_updates=6, bc_steps=2, eval_episodes=0,
-                           log_every=3, checkpoint_every=3, run_dir=str(tmp_path / "offline"),
-                           export_path=str(tmp_path / "cql.pt")))
+    path = cq.main(
+        cq.Args(
+            env="hopper",
+            dataset="medium-replay",
+            device="cpu",
+            members=2,
+            hidden=16,
+            batch_size=8,
+            cql_samples=2,
+            offline_updates=6,
+            bc_steps=2,
+            eval_episodes=0,
+            log_every=3,
+            checkpoint_every=3,
+            run_dir=str(tmp_path / "offline"),
+            export_path=str(tmp_path / "cql.pt"),
+        )
+    )
     args = tiny_args(tmp_path, checkpoint=path, online_steps=20)
     ft.main(args)
     ck = torch.load(os.path.join(args.run_dir, "checkpoint.pt"), weights_only=True)
@@ -421,9 +473,24 @@ def test_bad_input_gives_one_clear_line(tmp_path, tiny_dataset):
 
 
 def test_cli_prints_one_line_and_exits_2(tmp_path):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "off2on_finetune.py"), "--env", "hopper", "--dataset",
-                        "medium-replay", "--checkpoint", str(tmp_path / "none.pt"), "--device", "cpu"],
-                       capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "off2on_finetune.py"),
+            "--env",
+            "hopper",
+            "--dataset",
+            "medium-replay",
+            "--checkpoint",
+            str(tmp_path / "none.pt"),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert p.returncode == 2
     lines = [ln for ln in p.stderr.splitlines() if ln.strip() and "warn" not in ln.lower()]
     assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr

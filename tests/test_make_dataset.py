@@ -9,10 +9,10 @@ import minari
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
 import make_dataset as md
 from baselines import sac
-from conftest import ROOT
 
 
 @pytest.fixture(autouse=True)
@@ -22,9 +22,22 @@ def own_minari(tmp_path, monkeypatch):
 
 
 def tiny_args(tmp_path, **kw):
-    base = dict(env="hopper", n_steps=300, sac_steps=600, medium_fraction=-1.0, work_dir=str(tmp_path / "work"),
-                n_envs=4, eval_every=200, eval_episodes=2, learning_starts=200, epoch_steps=100,
-                checkpoint_every=200, hidden=16, batch_size=32, device="cpu")
+    base = dict(
+        env="hopper",
+        n_steps=300,
+        sac_steps=600,
+        medium_fraction=-1.0,
+        work_dir=str(tmp_path / "work"),
+        n_envs=4,
+        eval_every=200,
+        eval_episodes=2,
+        learning_starts=200,
+        epoch_steps=100,
+        checkpoint_every=200,
+        hidden=16,
+        batch_size=32,
+        device="cpu",
+    )
     return md.Args(**{**base, **kw})
 
 
@@ -96,9 +109,14 @@ def test_hand_made_episodes_keep_terminations_and_truncations():
     the snapshot (stored as a truncation); the shared loader bootstraps all but the fall."""
     n = 3 + 2 + 2
     obs = np.arange(n, dtype=np.float32)[:, None].repeat(11, 1)
-    buf = {"observations": obs, "next_observations": obs + 1, "actions": np.zeros((n, 3), np.float32),
-           "rewards": np.ones(n, np.float32), "terminations": np.zeros(n, np.float32),
-           "truncations": np.zeros(n, np.float32)}
+    buf = {
+        "observations": obs,
+        "next_observations": obs + 1,
+        "actions": np.zeros((n, 3), np.float32),
+        "rewards": np.ones(n, np.float32),
+        "terminations": np.zeros(n, np.float32),
+        "truncations": np.zeros(n, np.float32),
+    }
     buf["terminations"][2] = 1  # episode 0: steps 0-2, falls
     buf["truncations"][4] = 1  # episode 1: steps 3-4, time limit; episode 2: steps 5-6, cut
     eps, rets = md.replay_to_episodes({k: torch.from_numpy(v) for k, v in buf.items()})
@@ -117,13 +135,30 @@ def test_policy_rollouts_come_from_each_member_in_turn(tmp_path):
     bias c_i, log_std -20), so each member's share of the buffer carries its own constant action."""
     n, hidden, obs_dim, act_dim = 3, 8, 11, 3
     const = torch.tensor([-0.5, 0.1, 0.7])
-    actor = {"net.0.weight": torch.zeros(n, obs_dim, hidden), "net.0.bias": torch.zeros(n, 1, hidden),
-             "net.2.weight": torch.zeros(n, hidden, hidden), "net.2.bias": torch.zeros(n, 1, hidden),
-             "mu.weight": torch.zeros(n, hidden, act_dim), "mu.bias": const.view(n, 1, 1).expand(n, 1, act_dim).clone(),
-             "log_std.weight": torch.zeros(n, hidden, act_dim), "log_std.bias": torch.full((n, 1, act_dim), -20.0)}
-    torch.save({"format": "off2on-cql-ensemble/1", "env": "hopper", "dataset": "medium", "obs_dim": obs_dim,
-                "act_dim": act_dim, "members": n, "hidden": hidden, "actor": actor, "updates": 7},
-               tmp_path / "ens.pt")
+    actor = {
+        "net.0.weight": torch.zeros(n, obs_dim, hidden),
+        "net.0.bias": torch.zeros(n, 1, hidden),
+        "net.2.weight": torch.zeros(n, hidden, hidden),
+        "net.2.bias": torch.zeros(n, 1, hidden),
+        "mu.weight": torch.zeros(n, hidden, act_dim),
+        "mu.bias": const.view(n, 1, 1).expand(n, 1, act_dim).clone(),
+        "log_std.weight": torch.zeros(n, hidden, act_dim),
+        "log_std.bias": torch.full((n, 1, act_dim), -20.0),
+    }
+    torch.save(
+        {
+            "format": "off2on-cql-ensemble/1",
+            "env": "hopper",
+            "dataset": "medium",
+            "obs_dim": obs_dim,
+            "act_dim": act_dim,
+            "members": n,
+            "hidden": hidden,
+            "actor": actor,
+            "updates": 7,
+        },
+        tmp_path / "ens.pt",
+    )
     md.main(tiny_args(tmp_path, kinds=("policy-rollouts",), policy=str(tmp_path / "ens.pt"), n_steps=301, n_envs=2))
     ds = minari.load_dataset("off2on/hopper/policy-rollouts-v0")
     assert ds.total_steps == 301 and "3 members" in ds.storage.metadata["description"]
@@ -133,17 +168,33 @@ def test_policy_rollouts_come_from_each_member_in_turn(tmp_path):
     assert np.allclose(actions, expected, atol=1e-6)
     arr = sac.load_dataset("hopper", "policy-rollouts")  # a kind every script accepts as --dataset
     assert len(arr["rewards"]) == 301
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "make_dataset.py"), "--kinds", "policy-rollouts"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "make_dataset.py"), "--kinds", "policy-rollouts"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert r.returncode == 2 and "needs --policy" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--env", "hopper", "--kinds", "medium", "expertt"], "error: unknown kind 'expertt'; choose from: "
-                                                          "random medium medium-replay expert medium-expert policy-rollouts"),
-    (["--env", "humanoid"], "error: unknown env 'humanoid'; choose one of: hopper, halfcheetah, walker2d"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--env", "hopper", "--kinds", "medium", "expertt"],
+            "error: unknown kind 'expertt'; choose from: "
+            "random medium medium-replay expert medium-expert policy-rollouts",
+        ),
+        (["--env", "humanoid"], "error: unknown env 'humanoid'; choose one of: hopper, halfcheetah, walker2d"),
+    ],
+)
 def test_cli_bad_input_is_one_line_exit_2(argv, message):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "make_dataset.py"), *argv],
-                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "make_dataset.py"), *argv],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [message]

@@ -23,18 +23,29 @@ def synthetic() -> pd.DataFrame:
     for method, table in FINAL.items():
         for seed, scores in enumerate(table):
             for (env, ds), final in zip(TASKS, scores):
-                base = dict(env=env, dataset=ds, method=method, seed=seed, finished=1,
-                            updates=0, return_mean=0.0, return_std=0.0, wall_time_s=1.0)
+                base = dict(
+                    env=env,
+                    dataset=ds,
+                    method=method,
+                    seed=seed,
+                    finished=1,
+                    updates=0,
+                    return_mean=0.0,
+                    return_std=0.0,
+                    wall_time_s=1.0,
+                )
                 policy = "ensemble" if method == "off2on" else "policy"
-                rows.append({**base, "phase": "offline", "env_steps": 0, "policy": policy,
-                             "normalized_score": -1.0})
+                rows.append({**base, "phase": "offline", "env_steps": 0, "policy": policy, "normalized_score": -1.0})
                 if method == "off2on":  # a member's evaluation must not be mixed in
-                    rows.append({**base, "phase": "online", "env_steps": 1000,
-                                 "policy": "member0", "normalized_score": 999.0})
-                rows.append({**base, "phase": "online", "env_steps": 1000, "policy": policy,
-                             "normalized_score": float(seed)})
-                rows.append({**base, "phase": "online", "env_steps": 2000, "policy": policy,
-                             "normalized_score": float(final)})
+                    rows.append(
+                        {**base, "phase": "online", "env_steps": 1000, "policy": "member0", "normalized_score": 999.0}
+                    )
+                rows.append(
+                    {**base, "phase": "online", "env_steps": 1000, "policy": policy, "normalized_score": float(seed)}
+                )
+                rows.append(
+                    {**base, "phase": "online", "env_steps": 2000, "policy": policy, "normalized_score": float(final)}
+                )
     return pd.DataFrame(rows)
 
 
@@ -62,7 +73,7 @@ def test_final_scores_and_aggregate():
     assert iqm == pytest.approx(4.5) and mean == pytest.approx(4.5)
     (iqm, mean), ci_awac = agg["awac"]
     assert iqm == pytest.approx(10.0) and mean == pytest.approx(132.5)
-    for (point, ci_) in agg.values():  # CIs bracket the point estimates, ordered low <= high
+    for point, ci_ in agg.values():  # CIs bracket the point estimates, ordered low <= high
         assert np.all(ci_[0] <= point + 1e-9) and np.all(point <= ci_[1] + 1e-9)
     assert ci[0, 0] >= 1 and ci[1, 0] <= 8  # within the range of the scores
     assert ci_awac[1, 1] > 132.5 > ci_awac[0, 1]  # the outlier makes the mean's CI wide
@@ -98,13 +109,15 @@ def test_run_dirs_as_input(tmp_path):
     """Run directories (benchmark.py's or the scripts' own) load with env/dataset/method/seed;
     SAC from scratch (dataset `none`) appears in each dataset of its env."""
     cols = "phase,updates,env_steps,policy,return_mean,return_std,normalized_score,wall_time_s\n"
-    runs = {"hopper__medium__off2on_finetune__seed3__1700000000": "online,0,0,ensemble,0,0,5.0,1\n"
-                                                                  "online,1,1000,ensemble,0,0,7.0,1\n",
-            "hopper__medium-replay__awac__seed0": "online,1,1000,policy,0,0,3.0,1\n",
-            "hopper__none__sac__seed0": "online,1,1000,policy,0,0,2.0,1\n",
-            "hopper__medium__cql_ensemble__seed0": "offline,10,0,ensemble,0,0,9.0,1\n",
-            "halfcheetah__none__sac__seed0": "online,1,1000,policy,0,0,1.0,1\n",
-            "halfcheetah__medium__awac__seed0": "online,1,1000,policy,0,0,4.0,1\n"}
+    runs = {
+        "hopper__medium__off2on_finetune__seed3__1700000000": "online,0,0,ensemble,0,0,5.0,1\n"
+        "online,1,1000,ensemble,0,0,7.0,1\n",
+        "hopper__medium-replay__awac__seed0": "online,1,1000,policy,0,0,3.0,1\n",
+        "hopper__none__sac__seed0": "online,1,1000,policy,0,0,2.0,1\n",
+        "hopper__medium__cql_ensemble__seed0": "offline,10,0,ensemble,0,0,9.0,1\n",
+        "halfcheetah__none__sac__seed0": "online,1,1000,policy,0,0,1.0,1\n",
+        "halfcheetah__medium__awac__seed0": "online,1,1000,policy,0,0,4.0,1\n",
+    }
     for name, body in runs.items():
         os.makedirs(tmp_path / name)
         (tmp_path / name / "evals.csv").write_text(cols + body)
@@ -118,7 +131,8 @@ def test_run_dirs_as_input(tmp_path):
     assert set(df[df.method == "sac"].finished) == {0}  # no DONE: interrupted or running
     curves = plot.curves_of_runs(df)
     assert "cql_ensemble" not in set(curves.method)  # offline-only runs are not curves
-    assert len(plot.main(plot.Args(runs=(str(tmp_path),), out=str(tmp_path / "r"), reps=100,
-                                   include_unfinished=True))) > 0
+    assert (
+        len(plot.main(plot.Args(runs=(str(tmp_path),), out=str(tmp_path / "r"), reps=100, include_unfinished=True))) > 0
+    )
     with pytest.raises(ValueError, match="no such file"):
         plot.main(plot.Args(results=(str(tmp_path / "missing.csv"),), out=str(tmp_path / "x")))

@@ -8,13 +8,23 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-from baselines import sac
 from conftest import ROOT
 
+from baselines import sac
+
 CPU = torch.device("cpu")
-TINY = dict(env="hopper", device="cpu", learning_starts=100, epoch_steps=100, eval_every=200,
-            eval_episodes=2, batch_size=32, hidden=16, checkpoint_every=100, log_every=50)
+TINY = dict(
+    env="hopper",
+    device="cpu",
+    learning_starts=100,
+    epoch_steps=100,
+    eval_every=200,
+    eval_episodes=2,
+    batch_size=32,
+    hidden=16,
+    checkpoint_every=100,
+    log_every=50,
+)
 
 
 def toy_agent(obs_dim=2, act_dim=1, hidden=32, lr=3e-3, alpha=None):
@@ -29,9 +39,14 @@ def toy_agent(obs_dim=2, act_dim=1, hidden=32, lr=3e-3, alpha=None):
 
 def one_step_batch(n, reward_fn, term, trunc):
     obs, act = torch.rand(n, 2), torch.rand(n, 1) * 2 - 1
-    return {"observations": obs, "actions": act, "rewards": reward_fn(obs, act),
-            "next_observations": torch.rand(n, 2), "terminations": torch.full((n,), float(term)),
-            "truncations": torch.full((n,), float(trunc))}
+    return {
+        "observations": obs,
+        "actions": act,
+        "rewards": reward_fn(obs, act),
+        "next_observations": torch.rand(n, 2),
+        "terminations": torch.full((n,), float(term)),
+        "truncations": torch.full((n,), float(trunc)),
+    }
 
 
 def test_q_converges_to_reward_on_terminal_step():
@@ -78,7 +93,7 @@ def test_tanh_gaussian_log_prob_matches_change_of_variables():
     a, logp = actor.sample(obs)
     mu, log_std = actor(obs)
     u = torch.atanh(a.clamp(-1 + 1e-6, 1 - 1e-6))
-    ref = torch.distributions.Normal(mu, log_std.exp()).log_prob(u).sum(-1) - torch.log(1 - a ** 2).sum(-1)
+    ref = torch.distributions.Normal(mu, log_std.exp()).log_prob(u).sum(-1) - torch.log(1 - a**2).sum(-1)
     assert a.abs().max() < 1
     assert torch.allclose(logp, ref, atol=1e-3)
 
@@ -86,8 +101,14 @@ def test_tanh_gaussian_log_prob_matches_change_of_variables():
 def test_replay_buffer_roundtrip_and_sample():
     buf = sac.ReplayBuffer(10, 3, 2)
     for i in range(12):  # wraps around
-        buf.add(observations=np.full(3, i), actions=np.full(2, i), rewards=i, next_observations=np.full(3, i + 1),
-                terminations=0.0, truncations=float(i == 5))
+        buf.add(
+            observations=np.full(3, i),
+            actions=np.full(2, i),
+            rewards=i,
+            next_observations=np.full(3, i + 1),
+            terminations=0.0,
+            truncations=float(i == 5),
+        )
     assert buf.size == 10 and buf.ptr == 2
     b = buf.sample(64, CPU)
     assert b["observations"].shape == (64, 3) and b["rewards"].shape == (64,)
@@ -99,8 +120,18 @@ def test_replay_buffer_roundtrip_and_sample():
 
 def test_time_limit_is_a_truncation(tmp_path):
     """HalfCheetah never terminates: its 1000-step episode end must be stored as a truncation."""
-    args = sac.Args(**{**TINY, "env": "halfcheetah", "learning_starts": 2000, "epoch_steps": 550,
-                       "eval_every": 1100, "eval_episodes": 1}, online_steps=1100, run_dir=str(tmp_path / "run"))
+    args = sac.Args(
+        **{
+            **TINY,
+            "env": "halfcheetah",
+            "learning_starts": 2000,
+            "epoch_steps": 550,
+            "eval_every": 1100,
+            "eval_episodes": 1,
+        },
+        online_steps=1100,
+        run_dir=str(tmp_path / "run"),
+    )
     p = next(sac.train(args))
     tr, te = p.buffer.data["truncations"][:1100], p.buffer.data["terminations"][:1100]
     assert te.sum() == 0 and tr.sum() == 1 and tr[999] == 1
@@ -135,7 +166,12 @@ def test_resume_errors_are_one_line(tmp_path):
 
 
 def test_cli_unknown_env_is_one_line_exit_2():
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "baselines", "sac.py"), "--env", "ant"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "baselines", "sac.py"), "--env", "ant"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["error: unknown env 'ant'; choose one of: hopper, halfcheetah, walker2d"]
