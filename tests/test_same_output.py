@@ -95,7 +95,7 @@ def run_case(name: str, tmp, ensemble: str = "") -> str:
 @pytest.fixture(scope="module")
 def tiny_ensemble(tmp_path_factory):
     """The ensemble file of the off2on_cql_ensemble case: the input of the fine-tuning cases. The tiny dataset
-    lives in the session's Minari folder, the one tests/conftest.py gives every test."""
+    lives in the Minari folder that tests/conftest.py gives every test of the run."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MINARI_DATASETS_PATH", str(tmp_path_factory.getbasetemp() / "minari"))
         write_tiny_dataset("hopper", "medium-replay")
