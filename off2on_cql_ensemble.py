@@ -348,9 +348,8 @@ def main(args: Args) -> str:
             since = updates
         if args.eval_episodes > 0 and (updates % args.eval_every == 0 or updates == args.offline_updates):
             k = (updates - 1) // args.eval_every  # index of this evaluation: new start states each time
-            for name, returns in eval_policies(
-                agent.actor, args.env, args.eval_episodes, eval_seed(args.seed, k)
-            ).items():
+            policies = eval_policies(agent.actor, args.env, args.eval_episodes, eval_seed(args.seed, k))
+            for name, returns in policies.items():
                 score = logger.eval_row("offline", updates, 0, name, returns, args.env, updates)
             bar.write(f"update {updates}: ensemble normalized score {score:.1f}")
         if updates % args.checkpoint_every == 0 or updates == args.offline_updates:
@@ -381,7 +380,10 @@ def restore_checkpoint(ckpt: dict, agent: Agent, args: Args) -> int:
     """Load a run's checkpoint.pt into `agent` and the RNGs; returns its number of updates."""
     path = os.path.join(args.run_dir, "checkpoint.pt")
     need = {"obs_dim": agent.obs_dim, "act_dim": agent.act_dim, "members": args.members, "hidden": args.hidden}
-    check_ensemble(ckpt, path, need)
+    for key, want in need.items():
+        if ckpt.get(key) != want:
+            made_for = f"{ckpt.get('env')}/{ckpt.get('dataset')}"
+            raise InputError(f"{path} has {key}={ckpt.get(key)} (made for {made_for}) but this run needs {key}={want}")
     load_agent(agent, ckpt, path, optimizers=True)
     set_rng_state(ckpt["rng"])
     return ckpt["updates"]
@@ -431,19 +433,6 @@ def checkpoint_dict(agent: Agent, args: Args, updates: int) -> dict:
         "rng": rng_state(),
         "args": dataclasses.asdict(args),
     }
-
-
-def check_ensemble(ckpt, path: str, need: dict) -> None:
-    """One-line InputError unless `ckpt` is an ensemble file whose entries equal `need`."""
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise InputError(f"{path} is not an off2on CQL-ensemble checkpoint (format {got!r}, not {FORMAT!r})")
-    for key, want in need.items():
-        if ckpt.get(key) != want:
-            raise InputError(
-                f"{path} has {key}={ckpt.get(key)} (made for {ckpt.get('env')}/"
-                f"{ckpt.get('dataset')}) but this run needs {key}={want}; use one made for this env"
-            )
 
 
 def load_agent(agent: Agent, ckpt: dict, path: str, optimizers: bool) -> None:
@@ -526,7 +515,8 @@ def keep_freed_memory() -> None:
     size). Keeping freed memory in the heap makes updates ~1.4x faster on CPU. No-op without glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0), libc.mallopt(-1, 2**31 - 1)  # M_MMAP_MAX = 0, M_TRIM_THRESHOLD = max
+        libc.mallopt(-4, 0)  # M_MMAP_MAX = 0
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD = max
     except (OSError, AttributeError):
         pass
 
@@ -615,15 +605,20 @@ def load_dataset(env: str, dataset: str) -> dict:
             raise InputError(f"could not load Minari dataset {ds_id}: {str(e).splitlines()[0]}") from e
         if not episodes:
             raise InputError("dataset has no episodes")
-        columns = {"actions": "actions", "rewards": "rewards", "terminals": "terminations"}
-        data = {k: np.concatenate([getattr(ep, field) for ep in episodes]) for k, field in columns.items()}
-        data["observations"] = np.concatenate([ep.observations[:-1] for ep in episodes])  # T + 1 observations
-        data["next_observations"] = np.concatenate([ep.observations[1:] for ep in episodes])
-    data = {k: np.asarray(v, dtype=np.float32).reshape(len(v), -1) for k, v in data.items()}
+        data = {  # an episode has T + 1 observations and T actions
+            "observations": np.concatenate([ep.observations[:-1] for ep in episodes]),
+            "next_observations": np.concatenate([ep.observations[1:] for ep in episodes]),
+            "actions": np.concatenate([ep.actions for ep in episodes]),
+            "rewards": np.concatenate([ep.rewards for ep in episodes]),
+            "terminals": np.concatenate([ep.terminations for ep in episodes]),
+        }
+    data = {k: np.asarray(v, dtype=np.float32) for k, v in data.items()}
+    data["rewards"] = data["rewards"].reshape(-1)  # a D4RL file may hold them as [n, 1]
+    data["terminals"] = data["terminals"].reshape(-1)
     if (data["observations"].shape[1], data["actions"].shape[1]) != dims:
         got = f"{data['observations'].shape[1]}/{data['actions'].shape[1]}"
         raise InputError(f"dataset {dataset!r} has obs/action dims {got} but {ENVS[env]} has {dims[0]}/{dims[1]}")
-    return {**data, "rewards": data["rewards"][:, 0], "terminals": data["terminals"][:, 0]}
+    return data
 
 
 def pick_device(name: str) -> torch.device:

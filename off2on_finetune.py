@@ -275,14 +275,35 @@ def ensemble_policy(actor: EnsembleActor, obs: torch.Tensor):
     return torch.tanh(u), log_normal - log_det
 
 
-def sac_losses(learner, batch: tuple, gamma: float) -> tuple:
+class Learner:
+    """What fine-tuning trains: the N actors and critics of the offline ensemble, target critics copied from them,
+    one temperature alpha (= 1 at the start), the density-ratio net, and two Adams (Adam is per parameter: one
+    Adam over all actors, critics and alpha equals one per network)."""
+
+    STATE = ("actor", "critic", "critic_target", "ratio", "sac_opt", "ratio_opt")  # the state_dicts it saves
+
+    def __init__(self, actor: EnsembleActor, critic: EnsembleCritic, learning_rate: float):
+        self.members = actor.members
+        self.target_entropy = -float(actor.mu.weight.shape[2])  # -|A|
+        self.actor = actor
+        self.critic = critic
+        self.critic_target = copy.deepcopy(critic).requires_grad_(False)
+        self.log_alpha = torch.zeros((), device=critic.net[0].weight.device, requires_grad=True)
+        self.ratio = density_ratio_net(critic.net[0].weight.shape[1]).to(self.log_alpha.device)  # input (s, a)
+        sac_params = [*actor.parameters(), *critic.parameters(), self.log_alpha]
+        self.sac_opt = torch.optim.Adam(sac_params, lr=learning_rate, fused=True)
+        self.ratio_opt = torch.optim.Adam(self.ratio.parameters(), lr=learning_rate, fused=True)
+
+
+def sac_losses(learner: Learner, batch: tuple, gamma: float) -> tuple:
     """SAC losses of the whole ensemble on one batch (no CQL term online). Critic rows [0:N] are the members'
     Q1, rows [N:2N] their Q2; x.expand(2N, ...) feeds one batch to every row."""
     s, a, r, s2, d = batch
     n = learner.members
     alpha = learner.log_alpha.exp().detach()
-    with torch.no_grad():  # member i's target (SAC Eq. 3, clipped double Q), one shared next action a' ~ pi_ens(s'):
-        # y_i = r + (1-d) gamma [min(Q1'_i, Q2'_i)(s', a') - alpha log pi_ens(a'|s')]
+    # member i's TD target (the target of SAC Eq. 5, clipped double Q), one shared next action a' ~ pi_ens(s'):
+    # y_i = r + (1-d) gamma [min(Q1'_i, Q2'_i)(s', a') - alpha log pi_ens(a'|s')]
+    with torch.no_grad():
         a2, logp2 = ensemble_policy(learner.actor, s2)
         q_next = learner.critic_target(s2.expand(2 * n, *s2.shape), a2.expand(2 * n, *a2.shape))  # [2N, B]
         y = r + (1 - d) * gamma * (torch.min(q_next[:n], q_next[n:]) - alpha * logp2)  # [N, B]
@@ -306,26 +327,6 @@ def sac_losses(learner, batch: tuple, gamma: float) -> tuple:
         "entropy": -logp_pi.detach().mean(),
     }
     return critic_loss, actor_loss, alpha_loss, stats
-
-
-class Learner:
-    """What fine-tuning trains: the N actors and critics of the offline ensemble, target critics copied from them,
-    one temperature alpha (= 1 at the start), the density-ratio net, and two Adams (Adam is per parameter: one
-    Adam over all actors, critics and alpha equals one per network)."""
-
-    STATE = ("actor", "critic", "critic_target", "ratio", "sac_opt", "ratio_opt")  # the state_dicts it saves
-
-    def __init__(self, actor: EnsembleActor, critic: EnsembleCritic, learning_rate: float):
-        self.members = actor.members
-        self.target_entropy = -float(actor.mu.weight.shape[2])  # -|A|
-        self.actor = actor
-        self.critic = critic
-        self.critic_target = copy.deepcopy(critic).requires_grad_(False)
-        self.log_alpha = torch.zeros((), device=critic.net[0].weight.device, requires_grad=True)
-        self.ratio = density_ratio_net(critic.net[0].weight.shape[1]).to(self.log_alpha.device)  # input (s, a)
-        sac_params = [*actor.parameters(), *critic.parameters(), self.log_alpha]
-        self.sac_opt = torch.optim.Adam(sac_params, lr=learning_rate, fused=True)
-        self.ratio_opt = torch.optim.Adam(self.ratio.parameters(), lr=learning_rate, fused=True)
 
 
 def update(learner: Learner, replay: Replay, args: Args) -> dict:
@@ -632,15 +633,20 @@ def load_dataset(env: str, dataset: str) -> dict:
             raise InputError(f"could not load Minari dataset {ds_id}: {str(e).splitlines()[0]}") from e
         if not episodes:
             raise InputError("dataset has no episodes")
-        columns = {"actions": "actions", "rewards": "rewards", "terminals": "terminations"}
-        data = {k: np.concatenate([getattr(ep, field) for ep in episodes]) for k, field in columns.items()}
-        data["observations"] = np.concatenate([ep.observations[:-1] for ep in episodes])  # T + 1 observations
-        data["next_observations"] = np.concatenate([ep.observations[1:] for ep in episodes])
-    data = {k: np.asarray(v, dtype=np.float32).reshape(len(v), -1) for k, v in data.items()}
+        data = {  # an episode has T + 1 observations and T actions
+            "observations": np.concatenate([ep.observations[:-1] for ep in episodes]),
+            "next_observations": np.concatenate([ep.observations[1:] for ep in episodes]),
+            "actions": np.concatenate([ep.actions for ep in episodes]),
+            "rewards": np.concatenate([ep.rewards for ep in episodes]),
+            "terminals": np.concatenate([ep.terminations for ep in episodes]),
+        }
+    data = {k: np.asarray(v, dtype=np.float32) for k, v in data.items()}
+    data["rewards"] = data["rewards"].reshape(-1)  # a D4RL file may hold them as [n, 1]
+    data["terminals"] = data["terminals"].reshape(-1)
     if (data["observations"].shape[1], data["actions"].shape[1]) != dims:
         got = f"{data['observations'].shape[1]}/{data['actions'].shape[1]}"
         raise InputError(f"dataset {dataset!r} has obs/action dims {got} but {ENVS[env]} has {dims[0]}/{dims[1]}")
-    return {**data, "rewards": data["rewards"][:, 0], "terminals": data["terminals"][:, 0]}
+    return data
 
 
 def pick_device(name: str) -> torch.device:
