@@ -4,18 +4,20 @@ ensemble: the pessimistic Q-ensemble that off2on_finetune.py fine-tunes online. 
 2107.00591. Each member has its own initialization and its own minibatch every step; their layers are stacked
 ([N, in, out] weights) and run as one batched matmul per layer.
 
-Paper -> code. Components are named as in the papers (the Off2On paper's section and equation numbers are not
-cited here); "authors' code" marks details of github.com/shlee94/Off2OnRL (rlkit, its CQL settings for gym).
-  pessimistic Q-ensemble: N independent CQL(H) agents          Agent, losses, update (every member at once)
-  CQL(H) critic loss (Kumar et al. 2020, arXiv 2006.04779, Eq. 4):  losses
-    alpha' (E_s[log sum_a exp Q(s, a)] - E_(s,a)~D[Q(s, a)]) + the TD error
-  its log sum_a exp Q by importance sampling (CQL Appendix F;     cql_logsumexp
-    the authors' code: min_q_version 3), actions from uniform, pi(.|s) and pi(.|s')
-  SAC actor, temperature and TD target (Haarnoja et al. 2018,     losses, tanh_log_prob
-    arXiv 1812.05905, Eqs. 5, 7, 18; tanh change of variables Eq. 26); TD target without the entropy term
-    and a behaviour-cloning warm start of the actor (authors' code)
-  ensemble policy at evaluation: tanh(mean_i mu_i), the mean of  eval_policies
-    the moment-matched Gaussian of off2on_finetune.py
+Paper -> code (components named as in the papers; the Off2On paper's own section and equation numbers are not
+cited here; "authors' code" marks details of github.com/shlee94/Off2OnRL, rlkit with its CQL settings for gym):
+  pessimistic Q-ensemble: N independent CQL(H) agents, trained at once        -> Agent, losses, update
+  CQL(H) critic loss (Kumar et al. 2020, arXiv 2006.04779, Eq. 4):            -> losses
+      alpha' (E_s[log sum_a exp Q(s, a)] - E_(s,a)~D[Q(s, a)])
+      + the TD error
+  its log sum_a exp Q by importance sampling over uniform, pi(.|s) and        -> cql_logsumexp
+      pi(.|s') actions (CQL Appendix F; authors' code: min_q_version 3)
+  SAC (Haarnoja et al. 2018, arXiv 1812.05905): TD target (Eq. 5) without     -> losses, tanh_log_prob
+      the entropy term (authors' code), actor (Eq. 7), temperature (Eq. 18),
+      tanh log-density (Eq. 26); a behaviour-cloning warm start of the
+      actor (authors' code)
+  ensemble policy at evaluation: tanh(mean_i mu_i), the mean of the           -> eval_policies
+      moment-matched Gaussian of off2on_finetune.py
 
     python off2on_cql_ensemble.py --env hopper --dataset medium-replay        # train (1M updates)
     python off2on_cql_ensemble.py --resume --run-dir runs/<run>               # continue a killed run
@@ -674,13 +676,9 @@ class Logger:
 
             name = os.path.basename(run_dir)
             config = dataclasses.asdict(args)
+            run_id = f"{script}-{name}"[-128:]  # the same run id again on --resume
             self.wandb = wandb.init(
-                project=args.wandb_project,
-                config=config,
-                name=name,
-                dir=run_dir,
-                resume="allow",
-                id=f"{script}-{name}"[-128:],
+                project=args.wandb_project, config=config, name=name, dir=run_dir, resume="allow", id=run_id
             )
         self.start = time.time()
 

@@ -3,21 +3,26 @@ policy, on one replay of offline + online transitions prioritized by a learned d
 Lee, Seo, Lee, Abbeel, Shin, "Offline-to-Online Reinforcement Learning via Balanced Replay and Pessimistic
 Q-Ensemble", CoRL 2021, arXiv 2107.00591.
 
-Paper -> code. Components are named as in the paper (its section and equation numbers are not cited here);
-"authors' code" marks details of github.com/shlee94/Off2OnRL (rlkit/examples/ours.py and what it calls).
-  pessimistic Q-ensemble: N CQL(H) agents trained offline        off2on_cql_ensemble.py; load_offline_ensemble
-  ensemble policy: the Gaussian that matches the members'         ensemble_moments, ensemble_policy, act
-    mixture, mu = mean_i mu_i, sigma^2 = mean_i(sigma_i^2 + mu_i^2) - mu^2, squashed by tanh
-  SAC losses of the ensemble: member i's critics regress on        sac_losses
-    r + gamma (min(Q1_i, Q2_i)(s', a') - alpha log pi(a'|s')), a' ~ pi; actor: alpha log pi - mean_i min(Q1_i, Q2_i)
-  balanced replay, density ratio w(s, a) ~ d_online / d_offline    density_ratio_net, ratio_loss
-    from the variational form of the Jensen-Shannon divergence, on uniform offline and online batches
-  priority of a sampled transition w^(1/T) / mean_offline w^(1/T)  priorities, update
-    (the normalization and the clip to [1e-3, 1e3]: authors' code)
-  initial priority of online transitions: the running maximum,     Replay
-    first the value that gives 1,000 online rows the share --init-online-fraction (authors' code)
-  schedule: epochs of --epoch-steps env steps then as many          main, the algorithm box
-    updates, the first epoch x --first-epoch-multiplier (authors' code)
+Paper -> code (components named as in the paper; its section and equation numbers are not cited here;
+"authors' code" marks details of github.com/shlee94/Off2OnRL, rlkit/examples/ours.py and what it calls):
+  pessimistic Q-ensemble: N CQL(H) agents trained offline                     -> off2on_cql_ensemble.py,
+                                                                                 load_offline_ensemble
+  ensemble policy: the Gaussian that matches the members' mixture,            -> ensemble_moments,
+      mu = mean_i mu_i, sigma^2 = mean_i(sigma_i^2 + mu_i^2) - mu^2,             ensemble_policy, act
+      squashed by tanh
+  SAC losses of the ensemble: critic i regresses on                           -> sac_losses
+      r + gamma (min(Q1_i, Q2_i)(s', a') - alpha log pi(a'|s')), a' ~ pi;
+      actor: alpha log pi(a|s) - mean_i min(Q1_i, Q2_i)(s, a)
+  balanced replay: density ratio w(s, a) ~ d_online / d_offline from          -> density_ratio_net,
+      the variational form of the Jensen-Shannon divergence, on uniform          ratio_loss
+      offline and online batches
+  priority of a sampled transition: w^(1/T) / mean_offline w^(1/T)            -> priorities, update
+      (the normalization and the clip to [1e-3, 1e3]: authors' code)
+  initial priority of online transitions: the running maximum, at first       -> Replay
+      the value that gives 1,000 online rows the share
+      --init-online-fraction (authors' code)
+  schedule: epochs of --epoch-steps env steps then as many updates, the       -> main, the algorithm box
+      first epoch x --first-epoch-multiplier (authors' code)
 SAC's equations (Haarnoja et al. 2018, arXiv 1812.05905) are cited where the code implements them.
 
 Run: python off2on_finetune.py --env hopper --dataset medium-replay   (resume: --run-dir D --resume;
@@ -723,13 +728,9 @@ class Logger:
 
             name = os.path.basename(run_dir)
             config = dataclasses.asdict(args)
+            run_id = f"{script}-{name}"[-128:]  # the same run id again on --resume
             self.wandb = wandb.init(
-                project=args.wandb_project,
-                config=config,
-                name=name,
-                dir=run_dir,
-                resume="allow",
-                id=f"{script}-{name}"[-128:],
+                project=args.wandb_project, config=config, name=name, dir=run_dir, resume="allow", id=run_id
             )
         self.start = time.time()
 
