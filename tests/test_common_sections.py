@@ -40,3 +40,12 @@ def test_ensemble_networks_identical():
     if len(paths) < 2:
         pytest.skip("needs both ensemble scripts")
     assert section(paths[0], "Networks: an ensemble") == section(paths[1], "Networks: an ensemble")
+
+
+def test_sac_update_identical():
+    """baselines/sac.py (from scratch) and baselines/sac_ft.py (fine-tuning) run the same SAC: actor, critics,
+    losses, the gradient step and the checkpoint layout are one copied section."""
+    paths = [os.path.join(ROOT, "baselines", f) for f in ("sac.py", "sac_ft.py")]
+    reference = section(paths[0], "SAC: tanh-Gaussian actor")
+    assert "def sac_update(" in reference and "def sac_losses(" in reference
+    assert section(paths[1], "SAC: tanh-Gaussian actor") == reference
