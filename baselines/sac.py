@@ -99,6 +99,26 @@ REF_RETURNS = {
     "walker2d": (1.629008, 4592.3),
 }
 KINDS = ("random", "medium", "medium-replay", "expert", "medium-expert", "policy-rollouts")
+# MuJoCo (from 3.16) warns at every compilation of a model that sets the deprecated compiler attribute
+# settotalmass, and gymnasium's half_cheetah.xml sets it (still in gymnasium 1.4.0, the newest), so every
+# HalfCheetah env printed the same warning to stderr (and appended it to ./MUJOCO_LOG.TXT), and every
+# evaluation makes 5-11 envs. The attribute still scales the masses as before: only its message is dropped.
+SETTOTALMASS_WARNING = "compiler attribute 'settotalmass' is deprecated"
+
+
+def mujoco_warning(message: str) -> None:
+    """MuJoCo's warning callback: every warning goes to stderr, except the settotalmass deprecation."""
+    if not message.startswith(SETTOTALMASS_WARNING):
+        print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def install_mujoco_warning_filter() -> None:
+    import mujoco
+
+    mujoco.set_mju_user_warning(mujoco_warning)  # one global callback: replaces MuJoCo's default printing
+
+
+install_mujoco_warning_filter()
 
 
 class InputError(Exception):
