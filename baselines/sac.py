@@ -108,6 +108,26 @@ REF_RETURNS = {
     "walker2d": (1.629008, 4592.3),
 }
 KINDS = ("random", "medium", "medium-replay", "expert", "medium-expert", "policy-rollouts")
+# MuJoCo (from 3.16) warns at every compilation of a model that sets the deprecated compiler attribute
+# settotalmass, and gymnasium's half_cheetah.xml sets it (still in gymnasium 1.4.0, the newest), so every
+# HalfCheetah env printed the same warning to stderr (and appended it to ./MUJOCO_LOG.TXT), and every
+# evaluation makes 5-11 envs. The attribute still scales the masses as before: only its message is dropped.
+SETTOTALMASS_WARNING = "compiler attribute 'settotalmass' is deprecated"
+
+
+def mujoco_warning(message: str) -> None:
+    """MuJoCo's warning callback: every warning goes to stderr, except the settotalmass deprecation."""
+    if not message.startswith(SETTOTALMASS_WARNING):
+        print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def install_mujoco_warning_filter() -> None:
+    import mujoco
+
+    mujoco.set_mju_user_warning(mujoco_warning)  # one global callback: replaces MuJoCo's default printing
+
+
+install_mujoco_warning_filter()
 
 
 class InputError(Exception):
@@ -158,11 +178,55 @@ def load_dataset(env: str, dataset: str) -> dict:
         ds_id = dataset
     else:
         raise InputError(f"unknown dataset {dataset!r}; use one of {', '.join(KINDS)}, a Minari id, or a .hdf5 path")
+    if ds_id not in minari.list_local_datasets():
+        download_minari_dataset(ds_id)
     try:
-        ds = minari.load_dataset(ds_id, download=True)
-    except Exception as e:  # no hub, unknown id, corrupt files: one line, not a traceback
-        raise InputError(f"could not load Minari dataset {ds_id}: {str(e).splitlines()[0]}") from e
+        ds = minari.load_dataset(ds_id)
+    except Exception as e:  # corrupt or incompatible files: one line, not a traceback
+        raise InputError(f"could not load Minari dataset {ds_id}: {first_line(e)}") from e
     return minari_to_arrays(ds)
+
+
+def download_minari_dataset(ds_id: str) -> None:
+    """Download a Minari id from Minari's remote (Farama's datasets on the Hugging Face hub unless
+    MINARI_REMOTE says otherwise) into the local Minari folder; any failure is one InputError line."""
+    import minari
+
+    try:  # huggingface_hub: minari's hf extra, which minari imports only to download
+        from huggingface_hub.utils import logging as hub_logging
+    except ImportError as e:
+        raise InputError(
+            f"could not download Minari dataset {ds_id}: huggingface_hub is not installed; "
+            "install the pinned versions with: pip install -r requirements.txt"
+        ) from e
+    print(f"{ds_id} is not in the local Minari folder: downloading it", flush=True)
+    # huggingface_hub logs each of its 5 retries to stderr (about 25 s in all when no hub answers); the one
+    # error line below says what went wrong.
+    verbosity = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()
+    try:
+        minari.download_dataset(ds_id)
+    except Exception as e:
+        # No answer: OfflineModeIsEnabled (a ConnectionError) under HF_HUB_OFFLINE=1, or a transport
+        # error of huggingface_hub's HTTP client (httpx2: connection refused, unknown host, timeout).
+        if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__module__.startswith("httpx"):
+            raise InputError(
+                f"could not download Minari dataset {ds_id}: no answer from the hub ({first_line(e)}); "
+                "check the network (and HF_ENDPOINT, HF_HUB_OFFLINE), or use a dataset kind made by "
+                "make_dataset.py or a D4RL .hdf5 file"
+            ) from e
+        reason = first_line(e).rstrip(".")
+        raise InputError(
+            f"could not download Minari dataset {ds_id}: {reason}; `minari list remote` lists the ids"
+        ) from e
+    finally:
+        hub_logging.set_verbosity(verbosity)
+
+
+def first_line(e: Exception) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def minari_to_arrays(ds) -> dict:

@@ -1,6 +1,12 @@
 """The data-loading section every algorithm script carries (tested through baselines/sac.py's copy;
 tests/test_common_sections.py checks the copies are identical): local Minari datasets, D4RL-layout
-hdf5 files, and one-line errors."""
+hdf5 files, Minari ids that have to be downloaded, and one-line errors. No test reaches a real hub."""
+
+import http.server
+import socket
+import sys
+import threading
+import time
 
 import h5py
 import numpy as np
@@ -68,7 +74,86 @@ def test_missing_local_dataset_names_the_make_command():
     )
 
 
-def test_bad_inputs_are_one_line(tmp_path):
+@pytest.fixture
+def closed_hub(monkeypatch):
+    """Minari's remote (Farama's datasets on the Hugging Face hub) pointed at a closed local port, which
+    refuses at once, and huggingface_hub's waits between its 5 retries skipped: a refused download fails
+    in well under a second. Without huggingface_hub installed a download fails at its import."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return None
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.delenv("MINARI_REMOTE", raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+    return constants
+
+
+def test_minari_id_without_a_hub_is_one_line(closed_hub, capfd):
+    """No hub answers (connection refused, or HF_HUB_OFFLINE=1): one line naming the problem and the fixes,
+    and none of huggingface_hub's retry messages."""
+    pytest.importorskip("huggingface_hub")
+    for offline in (False, True):
+        closed_hub.HF_HUB_OFFLINE = offline
+        with pytest.raises(sac.InputError) as e:
+            sac.load_dataset("hopper", "mujoco/hopper/medium-v0")
+        message = str(e.value)
+        assert message.startswith("could not download Minari dataset mujoco/hopper/medium-v0: no answer from the hub (")
+        assert "check the network (and HF_ENDPOINT, HF_HUB_OFFLINE)" in message
+        assert ("offline mode is enabled" in message) == offline
+        assert "\n" not in message
+    assert "Retrying" not in capfd.readouterr().err
+
+
+class EmptyHub(http.server.BaseHTTPRequestHandler):
+    """A hub that answers every request with an empty list: it holds no dataset."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"[]")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_unknown_minari_id_on_a_hub_that_answers(closed_hub):
+    pytest.importorskip("huggingface_hub")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), EmptyHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    closed_hub.ENDPOINT = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(sac.InputError) as e:
+            sac.load_dataset("hopper", "nonexistent/dataset-v0")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert str(e.value) == (
+        "could not download Minari dataset nonexistent/dataset-v0: Couldn't find any version for dataset "
+        "nonexistent/dataset in the remote Farama server; `minari list remote` lists the ids"
+    )
+
+
+def test_minari_id_without_huggingface_hub_names_the_install(monkeypatch, closed_hub):
+    """Minari imports huggingface_hub (its hf extra) only to download; None in sys.modules makes an import fail."""
+    for name in [name for name in sys.modules if name.split(".")[0] == "huggingface_hub"] + ["huggingface_hub"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(sac.InputError) as e:
+        sac.load_dataset("hopper", "mujoco/hopper/medium-v0")
+    assert str(e.value) == (
+        "could not download Minari dataset mujoco/hopper/medium-v0: huggingface_hub is not installed; "
+        "install the pinned versions with: pip install -r requirements.txt"
+    )
+
+
+def test_bad_inputs_are_one_line(tmp_path, closed_hub):
     (tmp_path / "corrupt.hdf5").write_bytes(b"\x89HDF\r\n garbage")
     with h5py.File(tmp_path / "partial.hdf5", "w") as f:
         f["observations"] = np.zeros((3, 11))
@@ -78,7 +163,7 @@ def test_bad_inputs_are_one_line(tmp_path):
         ("hopper", str(tmp_path / "missing.hdf5"), "no such file"),
         ("hopper", str(tmp_path / "corrupt.hdf5"), "is not a D4RL-layout hdf5 file"),
         ("hopper", str(tmp_path / "partial.hdf5"), "is not a D4RL-layout hdf5 file"),
-        ("hopper", "nonexistent/dataset-v0", "could not load Minari dataset nonexistent/dataset-v0"),
+        ("hopper", "nonexistent/dataset-v0", "could not download Minari dataset nonexistent/dataset-v0"),
     ]
     for env, dataset, message in cases:
         with pytest.raises(sac.InputError, match=message) as e:
