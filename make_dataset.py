@@ -387,6 +387,8 @@ def main(args: Args) -> None:
         print(f"SAC: medium threshold {thr:.1f} (eval return); budget {args.sac_steps} env steps", flush=True)
         gen = sac.train(sargs)
         for p in gen:
+            if p.env_steps == 0:  # the untrained policy's evaluation: no transition to snapshot yet
+                continue
             ret = float(p.eval_returns.mean())
             print(
                 f"SAC {p.env_steps} env steps, {p.updates} updates: eval return {ret:.1f} "
@@ -400,7 +402,7 @@ def main(args: Args) -> None:
                     )
                 sac.save_checkpoint(
                     {
-                        "actor": p.agent.actor.state_dict(),
+                        "actor": p.learner.actor.state_dict(),
                         "env_steps": p.env_steps,
                         "eval_return": ret,
                         "replay": p.buffer.state_dict(),

@@ -567,6 +567,16 @@ KINDS = ("random", "medium", "medium-replay", "expert", "medium-expert", "policy
 EVAL_COLUMNS = "phase,updates,env_steps,policy,return_mean,return_std,normalized_score,wall_time_s".split(",")
 
 
+def mujoco_warning(message: str) -> None:
+    """MuJoCo's warning callback: every warning to stderr but the deprecation of settotalmass, which gymnasium's
+    half_cheetah.xml sets (MuJoCo >= 3.16 warns at every HalfCheetah env; the masses are scaled as before)."""
+    if not message.startswith("compiler attribute 'settotalmass' is deprecated"):
+        print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+mujoco.set_mju_user_warning(mujoco_warning)  # one global callback, in place of MuJoCo's default printing
+
+
 class InputError(Exception):
     """Bad user input: `run_main` prints it as one line `error: ...` and exits with code 2."""
 
@@ -632,10 +642,12 @@ def load_dataset(env: str, dataset: str) -> dict:
             raise InputError(
                 f"unknown dataset {dataset!r}; use one of {', '.join(KINDS)}, a Minari id, or a .hdf5 path"
             )
+        if ds_id not in minari.list_local_datasets():
+            download_minari(ds_id)
         try:
-            episodes = list(minari.load_dataset(ds_id, download=True).iterate_episodes())
-        except Exception as e:  # no hub, unknown id, corrupt files: one line, not a traceback
-            raise InputError(f"could not load Minari dataset {ds_id}: {str(e).splitlines()[0]}") from e
+            episodes = list(minari.load_dataset(ds_id).iterate_episodes())
+        except Exception as e:  # corrupt or incompatible files: one line, not a traceback
+            raise InputError(f"could not load Minari dataset {ds_id}: {first_line(e)}") from e
         if not episodes:
             raise InputError("dataset has no episodes")
         data = {  # an episode has T + 1 observations and T actions
@@ -652,6 +664,42 @@ def load_dataset(env: str, dataset: str) -> dict:
         got = f"{data['observations'].shape[1]}/{data['actions'].shape[1]}"
         raise InputError(f"dataset {dataset!r} has obs/action dims {got} but {ENVS[env]} has {dims[0]}/{dims[1]}")
     return data
+
+
+def download_minari(ds_id: str) -> None:
+    """A Minari id from Minari's remote (Farama's datasets on the Hugging Face hub) into the local Minari folder."""
+    import minari
+
+    try:  # minari's hf extra, imported only to download
+        from huggingface_hub.utils import logging as hub_logging
+    except ImportError as e:
+        raise InputError(
+            f"could not download Minari dataset {ds_id}: huggingface_hub is not installed; "
+            "install the pinned versions with: pip install -r requirements.txt"
+        ) from e
+    print(f"{ds_id} is not in the local Minari folder: downloading it", flush=True)
+    verbosity = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()  # not huggingface_hub's message at each of its 5 retries: one line below
+    try:
+        minari.download_dataset(ds_id)
+    except Exception as e:  # no answer: a ConnectionError (also under HF_HUB_OFFLINE=1) or an httpx error
+        if isinstance(e, ConnectionError | TimeoutError) or type(e).__module__.startswith("httpx"):
+            fix = "check the network (and HF_ENDPOINT, HF_HUB_OFFLINE), or use a kind or a D4RL .hdf5 file"
+            raise InputError(
+                f"could not download Minari dataset {ds_id}: no answer from the hub ({first_line(e)}); {fix}"
+            ) from e
+        reason = first_line(e).rstrip(".")
+        raise InputError(
+            f"could not download Minari dataset {ds_id}: {reason}; `minari list remote` lists the ids"
+        ) from e
+    finally:
+        hub_logging.set_verbosity(verbosity)
+
+
+def first_line(e: Exception) -> str:
+    """The first line of an exception's message (its type name if the message is empty)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def pick_device(name: str) -> torch.device:

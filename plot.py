@@ -8,6 +8,13 @@ mean (IQM) and mean with 95% stratified bootstrap confidence intervals, then per
 
     python plot.py --results benchmark/results.csv --out docs/results
     python plot.py --runs runs/ --out docs/my_runs        # straight from run directories
+    python plot.py --ablation docs/results/released_agents --out docs/results/released_agents
+
+Ablation mode (`--ablation`): fine-tuning runs of one task that differ in replay scheme and ensemble size, in
+folders named <replay>-N<members>__seed<S> (e.g. balanced-N5__seed0) holding evals.csv. Writes <out>.csv (one
+row per evaluation: config,replay,members,seed,env_steps,updates,return_mean,normalized_score), two figures,
+<out>_replay.png (the replay schemes with N = 5) and <out>_ensemble.png (N = 1, 2, 5 with balanced replay), mean
+± standard error over seeds, and <out>.md with a table per figure. `--ablation` may also name such a CSV.
 
 Input: the CSV of benchmark.py (env,dataset,method,seed,finished + evals.csv columns), or run
 directories named <env>__<dataset>__<script>__seed<S>[__<time>] holding evals.csv. The curve of
@@ -59,6 +66,12 @@ class Args:
     """count runs without a DONE marker in the aggregate table (they are always plotted)"""
     title: str = ""
     """figure title"""
+    ablation: str = ""
+    """folder of <replay>-N<members>__seed<S> run folders, or the CSV collected from them (see above)"""
+    collapse_window: int = 5_000
+    """ablation tables: the worst score over evaluations at 1..this many online env steps (initial collapse)"""
+    table_steps: tuple[int, ...] = (10_000, 25_000)
+    """ablation tables: the scores at these online env steps"""
 
 
 def load_results(paths) -> pd.DataFrame:
@@ -257,7 +270,132 @@ def figure(stats: pd.DataFrame, tasks: list, methods, path: str, title: str = ""
     plt.close(fig)
 
 
+# ---------------------------------------------------------------------------------------------
+# Ablations of one task: replay schemes and ensemble sizes
+# ---------------------------------------------------------------------------------------------
+ABLATION_COLUMNS = ("config", "replay", "members", "seed", "env_steps", "updates", "return_mean", "normalized_score")
+REPLAY_ORDER = ("balanced", "uniform", "online-only")
+REPLAY_LABELS = {"balanced": "balanced replay", "uniform": "uniform replay", "online-only": "online only"}
+
+
+def collect_ablation(folder: str) -> pd.DataFrame:
+    """Online evaluations of the run folders <replay>-N<members>__seed<S>/evals.csv under `folder`."""
+    frames = []
+    for run_dir in find_run_dirs(folder):
+        name = os.path.basename(os.path.normpath(run_dir))
+        config, _, seed = name.partition("__seed")
+        replay, _, members = config.rpartition("-N")
+        if not (seed.isdigit() and members.isdigit() and replay):
+            raise ValueError(
+                f"{run_dir}: expected a folder named <replay>-N<members>__seed<S>, e.g. balanced-N5__seed0"
+            )
+        evals = pd.read_csv(os.path.join(run_dir, "evals.csv"))
+        evals = evals[(evals.phase == "online") & (evals.policy == "ensemble")]
+        frames.append(evals.assign(config=config, replay=replay, members=int(members), seed=int(seed)))
+    if not frames:
+        raise ValueError(f"no run folders with evals.csv in {folder}")
+    df = pd.concat(frames, ignore_index=True)[list(ABLATION_COLUMNS)]
+    return df.sort_values(["members", "replay", "seed", "env_steps"], ignore_index=True)
+
+
+def seed_stats(values: pd.Series) -> tuple:
+    """mean, standard error (0 for one seed) and number of seeds."""
+    n = len(values)
+    se = values.std(ddof=1) / np.sqrt(n) if n > 1 else 0.0
+    return values.mean(), se, n
+
+
+def ablation_table(df: pd.DataFrame, configs: list, window: int, steps) -> str:
+    """Per config: start, worst in (0, window], the score at each of `steps`: mean ± s.e. over seeds."""
+    head = ["config", "seeds", "start (0 steps)", f"worst in 1–{window // 1000}k"] + [f"at {s // 1000}k" for s in steps]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for config in configs:
+        runs = df[df.config == config]
+        per_seed = {
+            "start": runs[runs.env_steps == 0].groupby("seed").normalized_score.first(),
+            "worst": runs[(runs.env_steps > 0) & (runs.env_steps <= window)].groupby("seed").normalized_score.min(),
+        }
+        for step in steps:
+            per_seed[step] = runs[runs.env_steps == step].groupby("seed").normalized_score.first()
+        cells = []
+        for key in ["start", "worst", *steps]:
+            if per_seed[key].empty:
+                cells.append("–")
+                continue
+            mean, se, n = seed_stats(per_seed[key])
+            cells.append(f"{mean:.1f} ± {se:.1f}" + ("" if n == runs.seed.nunique() else f" ({n} seeds)"))
+        lines.append(f"| {config} | {runs.seed.nunique()} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def ablation_figure(df: pd.DataFrame, configs: list, labels: dict, path: str, title: str) -> None:
+    """Mean ± s.e. over seeds against online env steps; a dotted line at each config's start score."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    for i, config in enumerate(configs):
+        runs = df[df.config == config]
+        stats = runs.groupby("env_steps").normalized_score.agg(["mean", "std", "count"]).reset_index()
+        se = (stats["std"] / np.sqrt(stats["count"])).fillna(0.0)
+        color = plt.cm.tab10(i)
+        label = f"{labels[config]} ({runs.seed.nunique()} seeds)"
+        ax.plot(stats.env_steps, stats["mean"], color=color, lw=1.5, marker="o", ms=2.5, label=label)
+        ax.fill_between(stats.env_steps, stats["mean"] - se, stats["mean"] + se, color=color, alpha=0.2, lw=0)
+        start = stats[stats.env_steps == 0]["mean"]
+        if len(start):
+            ax.axhline(float(start.iloc[0]), color=color, ls=":", lw=1)
+    ax.set_xlabel("online env steps")
+    ax.set_ylabel("D4RL normalized score")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def ablation(args: Args) -> str:
+    if args.ablation.endswith(".csv"):
+        df = pd.read_csv(args.ablation)
+    else:
+        df = collect_ablation(args.ablation)
+        df.to_csv(args.out + ".csv", index=False)
+    replay_configs = [f"{r}-N5" for r in REPLAY_ORDER if f"{r}-N5" in set(df.config)]
+    sizes = sorted(df[df.replay == "balanced"].members.unique())
+    ensemble_configs = [f"balanced-N{n}" for n in sizes]
+    panels = [
+        ("replay", replay_configs, {c: REPLAY_LABELS[c[:-3]] for c in replay_configs}, "replay schemes, N = 5"),
+        (
+            "ensemble",
+            ensemble_configs,
+            {c: f"N = {c.rpartition('-N')[2]}" for c in ensemble_configs},
+            "ensemble size, balanced replay",
+        ),
+    ]
+    lines = []
+    for name, configs, labels, what in panels:
+        if not configs:
+            continue
+        title = f"{args.title}: {what}" if args.title else what
+        ablation_figure(df, configs, labels, f"{args.out}_{name}.png", title)
+        lines += [f"{what[0].upper()}{what[1:]}: D4RL normalized score, mean ± standard error over seeds.", ""]
+        lines += [ablation_table(df, configs, args.collapse_window, args.table_steps), ""]
+    table = "\n".join(lines)
+    with open(args.out + ".md", "w") as f:
+        f.write(table)
+    print(table + f"\nwrote {args.out}.md and the figures {args.out}_*.png")
+    return table
+
+
 def main(args: Args) -> str:
+    if args.ablation:
+        if not os.path.exists(args.ablation):
+            raise ValueError(f"no such file or folder: {args.ablation}")
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        return ablation(args)
     if not args.results and not args.runs:
         raise ValueError("give --results CSV(s) from benchmark.py and/or --runs run directories")
     for p in args.results + args.runs:

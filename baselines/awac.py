@@ -3,35 +3,56 @@ Reinforcement Learning with Offline Datasets", arXiv 2006.09359), trained offlin
 fine-tuned online with the same update rule: a baseline of Lee et al., "Offline-to-Online Reinforcement
 Learning via Balanced Replay and Pessimistic Q-Ensemble" (CoRL 2021).
 
+Settings: the authors' MuJoCo launcher, rlkit examples/awac/mujoco/awac1.py ("awac1.py" below: its
+`variant` and `search_space`), run by rlkit/torch/sac/awac_trainer.py ("the trainer": AWACTrainer's
+defaults where awac1.py sets nothing). Each Args field names the setting it copies.
+
 Critic: twin Q by TD with the target from the current policy, y = r + gamma (1-d) min_j Q'_j(s', a'),
-a' ~ pi(.|s') (no entropy term: rlkit's AWAC runs with alpha = 0). Actor: advantage-weighted
-regression onto buffer actions, max E[log pi(a|s) w], w ~ exp(A(s,a)/lambda),
-A(s,a) = min_j Q_j(s,a) - min_j Q_j(s, mean(s)) (V from the policy's mean action, as rlkit).
+a' ~ pi(.|s') (no entropy term: awac1.py alpha=0, use_automatic_entropy_tuning=False; reward_scale=1).
+Actor: advantage-weighted regression onto the buffer's actions (awr_weight=1, awr_sample_actions=False):
+max E_D[log pi(a|s) w(s,a)] with A(s,a) = min_j Q_j(s,a) - V(s) (awr_min_q=True) and V(s) = min_j Q_j(s, a~)
+for ONE action a~ ~ pi(.|s) sampled from the policy (awr_use_mle_for_vf=False, the trainer's vf_K=1),
+not the policy's mean action.
 
-Weights: normalized over the batch, w = B softmax_batch(A/lambda) (mean 1), as the authors' rlkit code
-does for their gym results, rather than clipped exp(A/lambda). Why: the normalization is the paper's
-1/Z(s) of the closed-form pi* ~ pi_beta exp(A/lambda), estimated by one constant per batch; it is
-invariant to a shift of A (softmax subtracts the max: no overflow, while raw exp(A/lambda) overflows
-float32 past A/lambda ~ 88 and, clipped, saturates every large advantage at the clip and stops ranking
-them), and it needs no clip value to tune. The cost: within a batch of 1024 a few high-advantage rows can take most
-of the weight.
+Weights: w = B softmax_batch(A/beta) (the trainer's normalize_over_batch=True; clip_score=None: no clip),
+beta = 2 (awac1.py search_space 'trainer_kwargs.beta': [2], over the variant's beta=1). That is
+exp(A/beta) divided by its mean over the batch: one normalizer shared by every row of the batch, a
+Monte-Carlo estimate of E_D[exp(A/beta)]. It is not the paper's per-state partition function
+Z(s) = E_{a ~ pi_beta(.|s)}[exp(A(s,a)/beta)] (which AWAC drops); it rescales the batch's actor gradient,
+is invariant to a shift of A and, as softmax subtracts the max, cannot overflow at any Q scale (raw
+exp(A/beta) overflows float32 past A/beta ~ 88). Within a batch a few high-advantage rows can take
+most of the weight (train.csv's weight_max and weight_std show how much).
 
-Settings of the authors' rlkit configuration for gym: policy 4 hidden layers x 256 with tanh mean and
-a state-independent log-std in [-6, 0], policy weight decay 1e-4, Q-nets 2 x 256, batch 1024, Adam 3e-4,
-tau 5e-3, gamma 0.99, 25k offline pre-training steps; lambda = 1.0 (the issue's default). Actions are clipped to [-1, 1]
-where they meet the env or the critics (the env clips them anyway).
+Networks (awac1.py policy_class=GaussianPolicy, policy_kwargs, qf_kwargs; rlkit's Mlp initialization):
+policy 4 hidden layers x 256, mean tanh(.), log sigma a state-independent parameter squashed into [-6, 0]
+by a sigmoid (std_architecture="values", min_log_std=-6, max_log_std=0); Q-nets 2 x 256. Optimizers
+(one Adam with param groups equals the trainer's three per-network Adams): lr 3e-4 for both, weight decay
+1e-4 on the policy only (policy_weight_decay=1e-4; q_weight_decay: the trainer's 0). Targets: Polyak
+tau 5e-3 every update (soft_target_tau=5e-3, target_update_period=1), gamma 0.99.
 
-Offline phase: --offline-updates AWAC steps on the dataset (evaluation every --eval-every updates).
-Online phase, the schedule of off2on_finetune.py: epochs of --epoch-steps env steps with the stochastic
-policy, then as many updates (the first epoch x --first-epoch-multiplier), an evaluation after every
-epoch and one before the first (env_steps 0); one buffer of offline + online transitions sampled
-uniformly (AWAC keeps the offline data in its replay buffer).
+Not copied from rlkit: its Gaussian samples go unclipped to the critics and the buffer (the env wrapper
+clips them); here a sampled action is clipped to [-1, 1] once, so the critics, the buffer and the env see
+the same action. rlkit's SplitReplayBuffer keeps ~10% of the paths out of training (a validation set
+nothing reads); here every transition is trained on.
+
+Offline phase (the trainer's pretrain_q_with_bc_data): --offline-updates AWAC steps on the dataset with
+--offline-batch-size rows (evaluation every --eval-every updates). Online phase, the schedule of
+off2on_finetune.py: epochs of --epoch-steps env steps with the stochastic policy, then as many updates
+of --batch-size rows (the first epoch x --first-epoch-multiplier), an evaluation after every epoch and
+one before the first (env_steps 0); one buffer of offline + online transitions sampled uniformly (AWAC
+keeps the offline data in its replay buffer). Every evaluation runs --eval-episodes deterministic
+episodes (the mean action) from new start states: the k-th evaluation of a run resets with
+eval_seed(seed, k).
 
 Run: python baselines/awac.py --env hopper --dataset medium-replay   (resume: --run-dir D --resume)
-Writes <run dir>/checkpoint.pt ("off2on-awac/1", atomic, after every evaluation; torch.load with
-weights_only=True): {"format", "args", "actor", "critic", "critic_target", "opt" (Adam),
-"online" (online rows [s, a, r, s', terminal]), "updates", "env_steps", "epoch", "started", "eval_rows",
-"env_state" (MuJoCo state, time-limit counter, env RNG, current obs, episode stats), "rng"}.
+Writes to the run directory: evals.csv; train.csv, one row per online epoch: env_steps, updates and the
+epoch's means of critic_loss, actor_loss, q_mean, advantage_mean, advantage_std, weight_max, weight_std
+(the offline phase writes no rows); tensorboard scalars offline/<stat> (means over --log-every updates,
+x axis: updates) and online/<stat> (epoch means, x axis: env steps); checkpoint.pt ("off2on-awac/2",
+atomic, after every evaluation; torch.load with weights_only=True): {"format", "args", "actor", "critic",
+"critic_target", "opt" (Adam), "online" (online rows [s, a, r, s', terminal]), "updates", "env_steps",
+"epoch", "started", "evals" (evaluations so far), "env_state" (MuJoCo state, time-limit counter, env RNG,
+current obs, episode stats), "rng"}.
 """
 
 import copy
@@ -54,6 +75,7 @@ import tyro
 from tqdm import tqdm
 
 SCRIPT = "awac"
+CKPT_FORMAT = f"off2on-{SCRIPT}/2"
 
 
 @dataclass
@@ -74,36 +96,45 @@ class Args:
     """hopper, halfcheetah or walker2d (Gymnasium MuJoCo v5)"""
     dataset: str = "medium-replay"
     """offline dataset: a kind (local off2on/<env>/<kind>-v0), a Minari id, or a D4RL .hdf5 path"""
-    offline_updates: int = 25_000
-    """gradient steps on the dataset before going online (AWAC's pre-training: 25k)"""
+    offline_updates: int = 50_000
+    """gradient steps on the dataset before going online (awac1.py q_num_pretrain2_steps=50000: policy and
+    Q together; q_num_pretrain1_steps=0)"""
     online_steps: int = 250_000
-    """environment steps online (the paper: 250k)"""
+    """environment steps online (the paper of Lee et al.: 250k)"""
     epoch_steps: int = 1_000
-    """env steps per online epoch; each epoch is followed by as many updates"""
+    """env steps per online epoch; each epoch is followed by as many updates (awac1.py
+    num_expl_steps_per_train_loop=1000, num_trains_per_train_loop=1000)"""
     first_epoch_multiplier: int = 5
-    """the first online epoch is followed by this many times --epoch-steps updates"""
+    """the first online epoch is followed by this many times --epoch-steps updates (5: off2on_finetune.py's
+    schedule, shared by the fine-tuning baselines; awac1.py has none, i.e. 1)"""
     eval_every: int = 5_000
     """offline: evaluate (and checkpoint) every this many updates; online: after every epoch"""
     eval_episodes: int = 5
-    """episodes per evaluation (deterministic policy: the mean action)"""
+    """episodes per evaluation (deterministic policy: the mean action; new start states each time)"""
     log_every: int = 1_000
-    """offline: write training scalars every this many updates (online: once per epoch)"""
+    """offline: write training scalars (means over this many updates) every this many updates (online:
+    once per epoch)"""
     batch_size: int = 1024
-    """minibatch size (rlkit's AWAC)"""
+    """online minibatch (awac1.py batch_size=1024)"""
+    offline_batch_size: int = 128
+    """offline minibatch (the trainer's pretraining draws bc_batch_size rows: its default 128, which awac1.py
+    keeps)"""
     hidden: int = 256
-    """width of the hidden layers of actor and critics"""
+    """width of the hidden layers of actor and critics (awac1.py policy_kwargs hidden_sizes=[256] * 4,
+    qf_kwargs hidden_sizes=[256, 256])"""
     actor_layers: int = 4
-    """hidden layers of the policy (AWAC: 4; the critics have 2)"""
+    """hidden layers of the policy (awac1.py: 4; the critics have 2)"""
     lr: float = 3e-4
-    """Adam learning rate (actor and critics)"""
+    """Adam learning rate of actor and critics (awac1.py policy_lr=3E-4, qf_lr=3E-4)"""
     actor_weight_decay: float = 1e-4
-    """Adam weight decay of the policy (rlkit's AWAC)"""
-    lam: float = 1.0
-    """lambda: temperature of the advantage weights exp(A/lambda)"""
+    """Adam weight decay of the policy (awac1.py policy_weight_decay=1e-4; the critics: the trainer's 0)"""
+    beta: float = 2.0
+    """beta (the paper's lambda): temperature of the advantage weights exp(A/beta) (awac1.py search_space
+    'trainer_kwargs.beta': [2])"""
     gamma: float = 0.99
-    """discount"""
+    """discount (awac1.py discount=0.99)"""
     tau: float = 5e-3
-    """target critic Polyak rate"""
+    """target critic Polyak rate, every update (awac1.py soft_target_tau=5e-3, target_update_period=1)"""
 
 
 # =====================================================================================
@@ -118,6 +149,26 @@ REF_RETURNS = {
     "walker2d": (1.629008, 4592.3),
 }
 KINDS = ("random", "medium", "medium-replay", "expert", "medium-expert", "policy-rollouts")
+# MuJoCo (from 3.16) warns at every compilation of a model that sets the deprecated compiler attribute
+# settotalmass, and gymnasium's half_cheetah.xml sets it (still in gymnasium 1.4.0, the newest), so every
+# HalfCheetah env printed the same warning to stderr (and appended it to ./MUJOCO_LOG.TXT), and every
+# evaluation makes 5-11 envs. The attribute still scales the masses as before: only its message is dropped.
+SETTOTALMASS_WARNING = "compiler attribute 'settotalmass' is deprecated"
+
+
+def mujoco_warning(message: str) -> None:
+    """MuJoCo's warning callback: every warning goes to stderr, except the settotalmass deprecation."""
+    if not message.startswith(SETTOTALMASS_WARNING):
+        print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def install_mujoco_warning_filter() -> None:
+    import mujoco
+
+    mujoco.set_mju_user_warning(mujoco_warning)  # one global callback: replaces MuJoCo's default printing
+
+
+install_mujoco_warning_filter()
 
 
 class InputError(Exception):
@@ -168,11 +219,55 @@ def load_dataset(env: str, dataset: str) -> dict:
         ds_id = dataset
     else:
         raise InputError(f"unknown dataset {dataset!r}; use one of {', '.join(KINDS)}, a Minari id, or a .hdf5 path")
+    if ds_id not in minari.list_local_datasets():
+        download_minari_dataset(ds_id)
     try:
-        ds = minari.load_dataset(ds_id, download=True)
-    except Exception as e:  # no hub, unknown id, corrupt files: one line, not a traceback
-        raise InputError(f"could not load Minari dataset {ds_id}: {str(e).splitlines()[0]}") from e
+        ds = minari.load_dataset(ds_id)
+    except Exception as e:  # corrupt or incompatible files: one line, not a traceback
+        raise InputError(f"could not load Minari dataset {ds_id}: {first_line(e)}") from e
     return minari_to_arrays(ds)
+
+
+def download_minari_dataset(ds_id: str) -> None:
+    """Download a Minari id from Minari's remote (Farama's datasets on the Hugging Face hub unless
+    MINARI_REMOTE says otherwise) into the local Minari folder; any failure is one InputError line."""
+    import minari
+
+    try:  # huggingface_hub: minari's hf extra, which minari imports only to download
+        from huggingface_hub.utils import logging as hub_logging
+    except ImportError as e:
+        raise InputError(
+            f"could not download Minari dataset {ds_id}: huggingface_hub is not installed; "
+            "install the pinned versions with: pip install -r requirements.txt"
+        ) from e
+    print(f"{ds_id} is not in the local Minari folder: downloading it", flush=True)
+    # huggingface_hub logs each of its 5 retries to stderr (about 25 s in all when no hub answers); the one
+    # error line below says what went wrong.
+    verbosity = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()
+    try:
+        minari.download_dataset(ds_id)
+    except Exception as e:
+        # No answer: OfflineModeIsEnabled (a ConnectionError) under HF_HUB_OFFLINE=1, or a transport
+        # error of huggingface_hub's HTTP client (httpx2: connection refused, unknown host, timeout).
+        if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__module__.startswith("httpx"):
+            raise InputError(
+                f"could not download Minari dataset {ds_id}: no answer from the hub ({first_line(e)}); "
+                "check the network (and HF_ENDPOINT, HF_HUB_OFFLINE), or use a dataset kind made by "
+                "make_dataset.py or a D4RL .hdf5 file"
+            ) from e
+        reason = first_line(e).rstrip(".")
+        raise InputError(
+            f"could not download Minari dataset {ds_id}: {reason}; `minari list remote` lists the ids"
+        ) from e
+    finally:
+        hub_logging.set_verbosity(verbosity)
+
+
+def first_line(e: Exception) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def minari_to_arrays(ds) -> dict:
@@ -262,14 +357,29 @@ class Replay:
 
 
 # =====================================================================================
-# Networks
+# Networks (rlkit's Mlp initialization)
 # =====================================================================================
 LOG_STD_MIN, LOG_STD_MAX = -6.0, 0.0
 
 
+def rlkit_init_(weight: torch.Tensor, bias: torch.Tensor, bound: float) -> None:
+    """In place: weight ~ U(-bound, bound), bias 0. rlkit's Mlp initialization uses it with bound 1/sqrt(n) for
+    hidden layers, n read by rlkit's fanin_init from dim 0 of the [out, in] weight, i.e. the layer's output
+    width, and with bound init_w for the last layer."""
+    with torch.no_grad():
+        weight.uniform_(-bound, bound)
+        bias.zero_()
+
+
+def sample_action(mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """One action of N(mean, sigma^2) per row, clipped to the action box [-1, 1]."""
+    return (mean + log_std.exp() * torch.randn_like(mean)).clamp(-1.0, 1.0)
+
+
 class Actor(nn.Module):
-    """AWAC's Gaussian policy N(mean(s), sigma^2): mean = tanh(MLP(s)) with `layers` hidden layers, log sigma a
-    state-independent parameter squashed into [-6, 0] by a sigmoid. Samples are clipped to [-1, 1]."""
+    """AWAC's Gaussian policy N(mean(s), sigma^2) (rlkit's GaussianPolicy, std_architecture="values"):
+    mean = tanh(MLP(s)) with `layers` hidden layers, log sigma a state-independent parameter squashed into
+    [-6, 0] by a sigmoid (-3 at the start)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, layers: int = 4):
         super().__init__()
@@ -280,6 +390,9 @@ class Actor(nn.Module):
         self.net = nn.Sequential(*mods)
         self.mu = nn.Linear(hidden, act_dim)
         self.log_std_logit = nn.Parameter(torch.zeros(act_dim))
+        for layer in self.net[::2]:  # rlkit's Mlp initialization; the mean layer: GaussianPolicy's init_w 1e-3
+            rlkit_init_(layer.weight, layer.bias, 1.0 / math.sqrt(layer.out_features))
+        rlkit_init_(self.mu.weight, self.mu.bias, 1e-3)
 
     def forward(self, obs):
         mean = torch.tanh(self.mu(self.net(obs)))
@@ -287,8 +400,7 @@ class Actor(nn.Module):
         return mean, log_std.expand_as(mean)
 
     def sample(self, obs):
-        mean, log_std = self(obs)
-        return (mean + log_std.exp() * torch.randn_like(mean)).clamp(-1.0, 1.0)
+        return sample_action(*self(obs))
 
 
 class TwinQ(nn.Module):
@@ -297,11 +409,13 @@ class TwinQ(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
         super().__init__()
         sizes = [obs_dim + act_dim, hidden, hidden, 1]
-        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-            bound = 1 / math.sqrt(fan_in)  # nn.Linear's default initialization, drawn for each of the two
-            self.weights.append(nn.Parameter(torch.empty(2, fan_in, fan_out).uniform_(-bound, bound)))
-            self.biases.append(nn.Parameter(torch.empty(2, 1, fan_out).uniform_(-bound, bound)))
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            self.weights.append(nn.Parameter(torch.empty(2, fan_in, fan_out)))
+            self.biases.append(nn.Parameter(torch.empty(2, 1, fan_out)))
+            # rlkit's Mlp initialization, each of the two drawn independently; the last layer: Mlp's init_w 3e-3
+            rlkit_init_(self.weights[-1], self.biases[-1], 3e-3 if i == len(sizes) - 2 else 1.0 / math.sqrt(fan_out))
 
     def forward(self, obs, act):
         x = torch.cat([obs, act], -1).expand(2, -1, -1)
@@ -336,42 +450,52 @@ def gaussian_log_prob(a, mean, log_std):
     return (-0.5 * ((a - mean) / log_std.exp()).pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
-def awac_weights(adv: torch.Tensor, lam: float) -> torch.Tensor:
-    """exp(A/lambda) / Z with Z estimated over the batch: B softmax_batch(A/lambda), so the weights have mean 1
-    (rlkit's normalize-over-batch; softmax subtracts the max, so no overflow at any Q scale)."""
-    return adv.shape[0] * torch.softmax(adv / lam, 0)
+def state_value(critic: TwinQ, s: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """V(s) = min_j Q_j(s, a~) at ONE action a~ ~ pi(.|s) sampled from the policy (rlkit's
+    awr_use_mle_for_vf=False with vf_K=1), not at the mean action. [B]"""
+    return critic(s, sample_action(mean, log_std)).min(0).values
 
 
-def awac_losses(learner: Learner, batch, gamma: float, lam: float):
+def awac_weights(adv: torch.Tensor, beta: float) -> torch.Tensor:
+    """w = B softmax_batch(A/beta) = exp(A/beta) / mean_batch(exp(A/beta)): mean 1 over the batch, one
+    normalizer for every row (rlkit's normalize_over_batch=True; not a per-state Z(s)). Softmax subtracts
+    the max, so no overflow at any Q scale."""
+    return adv.shape[0] * torch.softmax(adv / beta, 0)
+
+
+def awac_losses(learner: Learner, batch, gamma: float, beta: float):
     """The two AWAC losses on one batch (Nair et al. 2020, Algorithm 1: policy evaluation by TD,
-    policy improvement by weighted maximum likelihood)."""
+    policy improvement by weighted maximum likelihood). Random draws in this order: a' at s', then a~ of V(s)."""
     s, a, r, s2, d = batch
     with torch.no_grad():  # AWAC policy evaluation target: y = r + gamma (1-d) Q'(s', a'), a' ~ pi(.|s'), current pi
         y = r + (1 - d) * gamma * learner.critic_target(s2, learner.actor.sample(s2)).min(0).values
     q = learner.critic(s, a)
     # AWAC critic loss: phi = argmin E_D[(Q_phi(s,a) - y)^2], for each twin critic j = 1, 2 (summed)
     critic_loss = (q - y).pow(2).mean(1).sum()
-    mean, log_std = learner.actor(s)  # one policy forward: the action of V(s) and log pi(a|s)
-    with torch.no_grad():  # A(s,a) = Q(s,a) - V(s), V(s) = Q(s, mean action); Q = min of the twins
-        adv = q.min(0).values - learner.critic(s, mean).min(0).values
-        w = awac_weights(adv, lam)
-    # AWAC actor update (weighted maximum likelihood): theta = argmax E_D[log pi_theta(a|s) exp(A(s,a)/lambda) / Z(s)]
+    mean, log_std = learner.actor(s)  # one policy forward: V(s)'s sampled action and log pi(a|s)
+    with torch.no_grad():  # A(s,a) = min_j Q_j(s,a) - V(s), V from one sampled action
+        adv = q.min(0).values - state_value(learner.critic, s, mean, log_std)
+        w = awac_weights(adv, beta)
+    # AWAC actor update (weighted maximum likelihood on the buffer's actions):
+    # theta = argmax E_D[log pi_theta(a|s) w(s,a)], w = exp(A/beta) normalized over the batch
     actor_loss = -(w * gaussian_log_prob(a, mean, log_std)).mean()
     stats = {
-        "losses/critic": critic_loss.detach(),
-        "losses/actor": actor_loss.detach(),
-        "charts/q": q.detach().mean(),
-        "charts/advantage": adv.mean(),
-        "charts/max_weight": w.max(),
+        "critic_loss": critic_loss.detach(),
+        "actor_loss": actor_loss.detach(),
+        "q_mean": q.detach().mean(),
+        "advantage_mean": adv.mean(),
+        "advantage_std": adv.std(),
+        "weight_max": w.max(),
+        "weight_std": w.std(),
     }
     return critic_loss, actor_loss, stats
 
 
-def train_step(learner: Learner, buf: Replay, args: Args) -> dict:
-    """One AWAC gradient step on a uniform batch of offline + online rows (both gradients from the
-    pre-update weights, as rlkit). Returns detached scalars: no host sync here."""
-    batch = buf.sample(args.batch_size, learner.critic.weights[0].device)
-    critic_loss, actor_loss, stats = awac_losses(learner, batch, args.gamma, args.lam)
+def train_step(learner: Learner, buf: Replay, batch_size: int, args: Args) -> dict:
+    """One AWAC gradient step on a uniform batch of `batch_size` offline + online rows (both gradients from
+    the pre-update weights, as rlkit). Returns detached scalars: no host sync here."""
+    batch = buf.sample(batch_size, learner.critic.weights[0].device)
+    critic_loss, actor_loss, stats = awac_losses(learner, batch, args.gamma, args.beta)
     learner.opt.zero_grad(set_to_none=True)
     (critic_loss + actor_loss).backward()  # each loss reaches only its own parameters
     learner.opt.step()
@@ -383,7 +507,8 @@ def train_step(learner: Learner, buf: Replay, args: Args) -> dict:
 
 @torch.no_grad()
 def act(learner: Learner, obs: np.ndarray, deterministic: bool) -> np.ndarray:
-    """obs [n, obs] -> actions [n, act]: the mean to evaluate, a (clipped) sample of the policy to explore."""
+    """obs [n, obs] -> actions [n, act]: the mean to evaluate (rlkit's MakeDeterministic), a (clipped)
+    sample of the policy to explore."""
     o = torch.as_tensor(obs, dtype=torch.float32, device=learner.critic.weights[0].device)
     return (learner.actor(o)[0] if deterministic else learner.actor.sample(o)).cpu().numpy()
 
@@ -601,25 +726,43 @@ def set_env_state(env: gym.Env, s: dict) -> None:
     env._elapsed_steps, u.np_random.bit_generator.state = s["elapsed_steps"], s["np_random"]
 
 
+def learner_state(learner: Learner) -> dict:
+    """The checkpoint entries of a Learner: its fields' state dicts."""
+    return {k: v.state_dict() for k, v in learner._asdict().items()}
+
+
+def load_learner_state(learner: Learner, s: dict) -> None:
+    for k, v in learner._asdict().items():
+        v.load_state_dict(s[k])
+
+
 def trim_evals(csv_path: str, rows: int) -> None:
-    """On resume, keep the first `rows` evaluations (those the checkpoint had seen); later ones are redone."""
+    """On resume, keep the first `rows` evaluations (those the checkpoint had seen); later ones are redone.
+    (By count: the last offline evaluation and the one at 0 online steps share their updates and env_steps.)"""
     if os.path.exists(csv_path):
         lines = open(csv_path).read().splitlines()
         with open(csv_path, "w") as f:
             f.write("\n".join(lines[: 1 + rows]) + "\n")
 
 
-def learner_state(learner: Learner) -> dict:
-    return {k: v.state_dict() if hasattr(v, "state_dict") else v.detach().cpu() for k, v in learner._asdict().items()}
+class StatMeans:
+    """Sums of the updates' statistics, kept as device tensors until `pop`: one host sync per log."""
 
+    def __init__(self):
+        self.sums = {}
+        self.count = 0
 
-def load_learner_state(learner: Learner, s: dict) -> None:
-    for k, v in learner._asdict().items():
-        if hasattr(v, "load_state_dict"):
-            v.load_state_dict(s[k])
-        else:
-            with torch.no_grad():
-                v.copy_(s[k])
+    def add(self, stats: dict) -> None:
+        for key, value in stats.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+
+    def pop(self) -> dict:
+        """The means since the last pop, as floats; then start over."""
+        means = {key: float(total) / self.count for key, total in self.sums.items()}
+        self.sums = {}
+        self.count = 0
+        return means
 
 
 def main(args: Args) -> None:
@@ -631,6 +774,7 @@ def main(args: Args) -> None:
         "eval_episodes",
         "log_every",
         "batch_size",
+        "offline_batch_size",
     ):
         if getattr(args, name) <= 0:
             raise InputError(f"--{name.replace('_', '-')} must be positive")
@@ -640,8 +784,11 @@ def main(args: Args) -> None:
         if not args.run_dir or not os.path.exists(os.path.join(args.run_dir, "checkpoint.pt")):
             raise InputError(f"--resume needs --run-dir <a run dir holding checkpoint.pt> (got {args.run_dir!r})")
         run = load_checkpoint(os.path.join(args.run_dir, "checkpoint.pt"), "")
-        if run.get("format") != f"off2on-{SCRIPT}/1" or args.online_steps < run["env_steps"]:
-            raise InputError(f"{args.run_dir}/checkpoint.pt is not a {SCRIPT} run, or is past --online-steps")
+        if run.get("format") != CKPT_FORMAT or args.online_steps < run["env_steps"]:
+            raise InputError(
+                f"{args.run_dir}/checkpoint.pt is not an {CKPT_FORMAT} checkpoint (older versions cannot be "
+                "resumed; start a new --run-dir), or is past --online-steps"
+            )
         keep = {k: getattr(args, k) for k in ("device", "track", "online_steps", "resume", "run_dir")}
         try:
             args = dataclasses.replace(Args(**run["args"]), **keep)
@@ -663,7 +810,7 @@ def main(args: Args) -> None:
     buf = Replay(data, args.online_steps)
     del data
     obs, _ = env.reset(seed=args.seed)
-    counters, ep_ret, ep_len = {"updates": 0, "env_steps": 0, "epoch": 0, "started": False, "eval_rows": 0}, 0.0, 0
+    counters, ep_ret, ep_len = {"updates": 0, "env_steps": 0, "epoch": 0, "started": False, "evals": 0}, 0.0, 0
     if args.resume:  # everything the run would hold had it not stopped
         try:
             load_learner_state(learner, run)
@@ -675,7 +822,8 @@ def main(args: Args) -> None:
         st = run["env_state"]
         obs, ep_ret, ep_len = st["obs"].numpy(), st["ep_return"], st["ep_length"]
         set_rng_state(run["rng"])
-        trim_evals(os.path.join(run_dir, "evals.csv"), counters["eval_rows"])
+        trim_evals(os.path.join(run_dir, "evals.csv"), counters["evals"])
+        trim_rows(os.path.join(run_dir, "train.csv"), "env_steps", counters["env_steps"])
         del run
     logger = Logger(args, run_dir, SCRIPT)
     print(
@@ -683,23 +831,17 @@ def main(args: Args) -> None:
         + (f"\nresumed at {counters['updates']} updates, {counters['env_steps']} env steps" if args.resume else "")
     )
 
-    def eval_row(phase: str) -> float:  # the evaluation policy act(..., True), D4RL normalized score
-        returns = evaluate(args.env, lambda o: act(learner, o, True), args.eval_episodes, args.seed + 10_000)
-        counters["eval_rows"] += 1
-        return logger.eval_row(
-            phase,
-            counters["updates"],
-            counters["env_steps"],
-            "policy",
-            returns,
-            args.env,
-            counters["updates"] if phase == "offline" else counters["env_steps"],
-        )
+    def eval_row(phase: str) -> float:  # deterministic policy (the mean), D4RL normalized score, new start states
+        seed = eval_seed(args.seed, counters["evals"])
+        returns = evaluate(args.env, lambda o: act(learner, o, True), args.eval_episodes, seed)
+        counters["evals"] += 1
+        step = counters["updates"] if phase == "offline" else counters["env_steps"]
+        return logger.eval_row(phase, counters["updates"], counters["env_steps"], "policy", returns, args.env, step)
 
     def save():
         save_checkpoint(
             {
-                "format": f"off2on-{SCRIPT}/1",
+                "format": CKPT_FORMAT,
                 "args": dataclasses.asdict(args),
                 **learner_state(learner),
                 "online": torch.from_numpy(buf.rows[buf.M : buf.M + buf.n_online].copy()),
@@ -715,7 +857,7 @@ def main(args: Args) -> None:
             ckpt_path,
         )
 
-    # ---- offline phase: the update rule on the dataset alone (no online rows yet)
+    # ---- offline phase: the update rule on the dataset alone (no online rows yet); offline/<stat> against updates
     pbar = tqdm(
         total=args.offline_updates,
         initial=min(counters["updates"], args.offline_updates),
@@ -723,14 +865,16 @@ def main(args: Args) -> None:
         mininterval=5,
         disable=None,
     )
+    stat_means = StatMeans()
     try:
         while counters["updates"] < args.offline_updates:
-            stats = train_step(learner, buf, args)
+            stat_means.add(train_step(learner, buf, args.offline_batch_size, args))
             counters["updates"] += 1
             pbar.update()
-            if counters["updates"] % args.log_every == 0:
-                logger.scalars(stats, counters["updates"])
-            if counters["updates"] % args.eval_every == 0 or counters["updates"] == args.offline_updates:
+            last = counters["updates"] == args.offline_updates
+            if counters["updates"] % args.log_every == 0 or last:  # means over the updates since the last log
+                logger.scalars({f"offline/{k}": v for k, v in stat_means.pop().items()}, counters["updates"])
+            if counters["updates"] % args.eval_every == 0 or last:
                 pbar.set_postfix(score=f"{eval_row('offline'):.1f}")
                 save()
         pbar.close()
@@ -755,15 +899,17 @@ def main(args: Args) -> None:
                 new_rows[i] = np.concatenate([obs, a, [rew], next_obs, [float(term)]])  # truncation: not terminal
                 obs, ep_ret, ep_len = next_obs, ep_ret + float(rew), ep_len + 1
                 if term or trunc:
-                    logger.scalars({"charts/episodic_return": ep_ret, "charts/episodic_length": ep_len}, start + i + 1)
+                    logger.scalars({"online/episodic_return": ep_ret, "online/episodic_length": ep_len}, start + i + 1)
                     (obs, _), ep_ret, ep_len = env.reset(), 0.0, 0
             buf.add_online(new_rows)
             counters["env_steps"] += len(new_rows)
             pbar.update(len(new_rows))
             for _ in range(len(new_rows) * (args.first_epoch_multiplier if counters["epoch"] == 0 else 1)):
-                stats = train_step(learner, buf, args)
+                stat_means.add(train_step(learner, buf, args.batch_size, args))
                 counters["updates"] += 1
-            logger.scalars(stats, counters["env_steps"])  # last update's scalars: one host sync per epoch
+            means = stat_means.pop()  # the epoch's means: one host sync per epoch
+            logger.scalars({f"online/{k}": v for k, v in means.items()}, counters["env_steps"])
+            logger.train_row({"env_steps": counters["env_steps"], "updates": counters["updates"], **means})
             counters["epoch"] += 1
             pbar.set_postfix(score=f"{eval_row('online'):.1f}")
             save()  # every epoch: a killed run loses at most one epoch

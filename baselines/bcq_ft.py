@@ -9,24 +9,32 @@ Pieces (the paper's and its authors' code's settings):
   generate actions, z ~ N(0, I) clipped to [-0.5, 0.5] (stays near the data's modes).
 - xi_phi(s, a, Phi): a perturbation net (s, a) -> 400 -> 300 -> Phi tanh(.), Phi = 0.05; the action
   is (a + xi).clamp(-1, 1), so it stays within Phi of the VAE's action a.
-- twin Q (400 -> 300) with the soft clipped double-Q target, lambda = 0.75, over n = 10 sampled
-  actions; target actor and target critics by Polyak averaging (tau 5e-3); Adam 1e-3 for all three
-  networks, batch 100, gamma 0.99.
-- policy: n = 10 actions from G_w(s), perturbed, the one with the highest Q1. It is stochastic (through
-  the VAE's latent), so evaluation and exploration both run it as is (no extra exploration noise).
+- twin Q (400 -> 300) with the soft clipped double-Q target, lambda = 0.75, over --target-samples
+  n = 10 sampled next actions (continuous_BCQ/BCQ.py `train`); target actor and target critics by
+  Polyak averaging (tau 5e-3); Adam 1e-3 for all three networks, batch 100, gamma 0.99.
+- policy: --select-samples n = 100 actions from G_w(s), perturbed, the one with the highest Q1
+  (continuous_BCQ/BCQ.py `select_action`). It is stochastic through the VAE's latents: exploration runs
+  it as is (no extra noise), with fresh latents at every step. Evaluation, which must be deterministic,
+  uses the same latents for every state and step (--select-samples of them, drawn once with their own
+  generator, seed 0), so its action is a function of the state alone.
 
 Offline phase: --offline-updates BCQ steps on the dataset (evaluation every --eval-every updates).
 Online phase, the schedule of off2on_finetune.py: epochs of --epoch-steps env steps with the policy,
 then as many updates (the first epoch x --first-epoch-multiplier), an evaluation after every epoch
 and one before the first (env_steps 0); one buffer of offline + online transitions sampled uniformly.
-The VAE keeps training on that buffer, so the constraint follows the growing online data.
+The VAE keeps training on that buffer, so the constraint follows the growing online data. Every
+evaluation runs --eval-episodes deterministic episodes from new start states: the k-th evaluation of a
+run resets with eval_seed(seed, k).
 
 Run: python baselines/bcq_ft.py --env hopper --dataset medium-replay   (resume: --run-dir D --resume)
-Writes <run dir>/checkpoint.pt ("off2on-bcq_ft/1", atomic, after every evaluation; torch.load with
-weights_only=True): {"format", "args", "vae", "actor", "actor_target", "critic", "critic_target",
-"vae_opt", "actor_opt", "critic_opt" (Adam states), "online" (online rows [s, a, r, s', terminal]),
-"updates", "env_steps", "epoch", "started", "eval_rows", "env_state" (MuJoCo state, time-limit counter,
-env RNG, current obs, episode stats), "rng"}.
+Writes to the run directory: evals.csv; train.csv, one row per online epoch: env_steps, updates and the
+epoch's means of vae_loss, critic_loss, actor_loss, q_mean (the offline phase writes no rows);
+tensorboard scalars offline/<stat> (means over --log-every updates, x axis: updates) and online/<stat>
+(epoch means, x axis: env steps); checkpoint.pt ("off2on-bcq_ft/2", atomic, after every evaluation;
+torch.load with weights_only=True): {"format", "args", "vae", "actor", "actor_target", "critic",
+"critic_target", "vae_opt", "actor_opt", "critic_opt" (Adam states), "online" (online rows
+[s, a, r, s', terminal]), "updates", "env_steps", "epoch", "started", "evals" (evaluations so far),
+"env_state" (MuJoCo state, time-limit counter, env RNG, current obs, episode stats), "rng"}.
 """
 
 import copy
@@ -50,6 +58,7 @@ import tyro
 from tqdm import tqdm
 
 SCRIPT = "bcq_ft"
+CKPT_FORMAT = f"off2on-{SCRIPT}/2"
 
 
 @dataclass
@@ -81,9 +90,10 @@ class Args:
     eval_every: int = 10_000
     """offline: evaluate (and checkpoint) every this many updates; online: after every epoch"""
     eval_episodes: int = 5
-    """episodes per evaluation (BCQ's policy: best of --num-samples perturbed VAE actions)"""
+    """episodes per evaluation (BCQ's policy with fixed latents, deterministic; new start states each time)"""
     log_every: int = 1_000
-    """offline: write training scalars every this many updates (online: once per epoch)"""
+    """offline: write training scalars (means over this many updates) every this many updates (online:
+    once per epoch)"""
     batch_size: int = 100
     """minibatch size (BCQ)"""
     vae_hidden: int = 750
@@ -94,8 +104,11 @@ class Args:
     """Phi: the largest perturbation of a VAE action, per dimension"""
     lam: float = 0.75
     """lambda of the soft clipped double-Q target (weight of the min of the twins)"""
-    num_samples: int = 10
-    """n: actions sampled from the VAE for the target and for action selection"""
+    target_samples: int = 10
+    """n of the target: next actions sampled from the VAE, perturbed and scored (BCQ.py `train`: 10)"""
+    select_samples: int = 100
+    """n of the policy: actions sampled from the VAE, perturbed and scored by Q1 when acting (BCQ.py
+    `select_action`: 100)"""
     gamma: float = 0.99
     """discount"""
     tau: float = 5e-3
@@ -114,6 +127,26 @@ REF_RETURNS = {
     "walker2d": (1.629008, 4592.3),
 }
 KINDS = ("random", "medium", "medium-replay", "expert", "medium-expert", "policy-rollouts")
+# MuJoCo (from 3.16) warns at every compilation of a model that sets the deprecated compiler attribute
+# settotalmass, and gymnasium's half_cheetah.xml sets it (still in gymnasium 1.4.0, the newest), so every
+# HalfCheetah env printed the same warning to stderr (and appended it to ./MUJOCO_LOG.TXT), and every
+# evaluation makes 5-11 envs. The attribute still scales the masses as before: only its message is dropped.
+SETTOTALMASS_WARNING = "compiler attribute 'settotalmass' is deprecated"
+
+
+def mujoco_warning(message: str) -> None:
+    """MuJoCo's warning callback: every warning goes to stderr, except the settotalmass deprecation."""
+    if not message.startswith(SETTOTALMASS_WARNING):
+        print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def install_mujoco_warning_filter() -> None:
+    import mujoco
+
+    mujoco.set_mju_user_warning(mujoco_warning)  # one global callback: replaces MuJoCo's default printing
+
+
+install_mujoco_warning_filter()
 
 
 class InputError(Exception):
@@ -164,11 +197,55 @@ def load_dataset(env: str, dataset: str) -> dict:
         ds_id = dataset
     else:
         raise InputError(f"unknown dataset {dataset!r}; use one of {', '.join(KINDS)}, a Minari id, or a .hdf5 path")
+    if ds_id not in minari.list_local_datasets():
+        download_minari_dataset(ds_id)
     try:
-        ds = minari.load_dataset(ds_id, download=True)
-    except Exception as e:  # no hub, unknown id, corrupt files: one line, not a traceback
-        raise InputError(f"could not load Minari dataset {ds_id}: {str(e).splitlines()[0]}") from e
+        ds = minari.load_dataset(ds_id)
+    except Exception as e:  # corrupt or incompatible files: one line, not a traceback
+        raise InputError(f"could not load Minari dataset {ds_id}: {first_line(e)}") from e
     return minari_to_arrays(ds)
+
+
+def download_minari_dataset(ds_id: str) -> None:
+    """Download a Minari id from Minari's remote (Farama's datasets on the Hugging Face hub unless
+    MINARI_REMOTE says otherwise) into the local Minari folder; any failure is one InputError line."""
+    import minari
+
+    try:  # huggingface_hub: minari's hf extra, which minari imports only to download
+        from huggingface_hub.utils import logging as hub_logging
+    except ImportError as e:
+        raise InputError(
+            f"could not download Minari dataset {ds_id}: huggingface_hub is not installed; "
+            "install the pinned versions with: pip install -r requirements.txt"
+        ) from e
+    print(f"{ds_id} is not in the local Minari folder: downloading it", flush=True)
+    # huggingface_hub logs each of its 5 retries to stderr (about 25 s in all when no hub answers); the one
+    # error line below says what went wrong.
+    verbosity = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()
+    try:
+        minari.download_dataset(ds_id)
+    except Exception as e:
+        # No answer: OfflineModeIsEnabled (a ConnectionError) under HF_HUB_OFFLINE=1, or a transport
+        # error of huggingface_hub's HTTP client (httpx2: connection refused, unknown host, timeout).
+        if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__module__.startswith("httpx"):
+            raise InputError(
+                f"could not download Minari dataset {ds_id}: no answer from the hub ({first_line(e)}); "
+                "check the network (and HF_ENDPOINT, HF_HUB_OFFLINE), or use a dataset kind made by "
+                "make_dataset.py or a D4RL .hdf5 file"
+            ) from e
+        reason = first_line(e).rstrip(".")
+        raise InputError(
+            f"could not download Minari dataset {ds_id}: {reason}; `minari list remote` lists the ids"
+        ) from e
+    finally:
+        hub_logging.set_verbosity(verbosity)
+
+
+def first_line(e: Exception) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def minari_to_arrays(ds) -> dict:
@@ -292,10 +369,10 @@ class VAE(nn.Module):
 class Perturbation(nn.Module):
     """xi_phi(s, a, Phi): returns the perturbed action (a + Phi tanh(f(s, a))).clamp(-1, 1)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, phi: float = 0.05, num_samples: int = 10):
+    def __init__(self, obs_dim: int, act_dim: int, phi: float = 0.05):
         super().__init__()
         self.net = mlp([obs_dim + act_dim, 400, 300, act_dim])
-        self.phi, self.num_samples = phi, num_samples
+        self.phi = phi
 
     def forward(self, obs, act):
         return (act + self.phi * torch.tanh(self.net(torch.cat([obs, act], -1)))).clamp(-1.0, 1.0)
@@ -331,7 +408,7 @@ Learner = namedtuple("Learner", "vae actor actor_target critic critic_target vae
 def make_learner(obs_dim: int, act_dim: int, args: Args, device: torch.device) -> Learner:
     """Fresh BCQ: target nets = nets, one Adam per network (they step one after another)."""
     vae = VAE(obs_dim, act_dim, args.vae_hidden).to(device)
-    actor = Perturbation(obs_dim, act_dim, args.phi, args.num_samples).to(device)
+    actor = Perturbation(obs_dim, act_dim, args.phi).to(device)
     critic = TwinQ(obs_dim, act_dim).to(device)
 
     def adam(net):
@@ -375,7 +452,7 @@ def train_step(learner: Learner, buf: Replay, args: Args) -> dict:
     loss_vae.backward()
     learner.vae_opt.step()
     with torch.no_grad():
-        y = bcq_target(learner, r, s2, d, args.gamma, args.lam, args.num_samples)
+        y = bcq_target(learner, r, s2, d, args.gamma, args.lam, args.target_samples)
     q = learner.critic(s, a)
     # critic loss: E[(Q_j(s,a) - y)^2], summed over the twin critics j = 1, 2
     critic_loss = (q - y).pow(2).mean(1).sum()
@@ -396,22 +473,31 @@ def train_step(learner: Learner, buf: Replay, args: Args) -> dict:
             for p, tp in zip(net.parameters(), target.parameters()):
                 tp.lerp_(p, args.tau)
     return {
-        "losses/vae": loss_vae.detach(),
-        "losses/critic": critic_loss.detach(),
-        "losses/actor": actor_loss.detach(),
-        "charts/q": q.detach().mean(),
+        "vae_loss": loss_vae.detach(),
+        "critic_loss": critic_loss.detach(),
+        "actor_loss": actor_loss.detach(),
+        "q_mean": q.detach().mean(),
     }
 
 
+def fixed_latents(n: int, latent_dim: int) -> torch.Tensor:
+    """n latents of the clipped prior, z ~ N(0, I) clipped to [-0.5, 0.5], always the same (drawn with
+    their own generator, seed 0: the global RNG is not touched). [n, latent]"""
+    return torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(0)).clamp(-0.5, 0.5)
+
+
 @torch.no_grad()
-def act(learner: Learner, obs: np.ndarray, deterministic: bool) -> np.ndarray:
-    """BCQ's policy: pi(s) = argmax over a_i + xi(s, a_i, Phi) of Q_1, with n actions a_i ~ G_w(s).
-    obs [B, obs] -> [B, act]. Stochastic through the VAE either way (`deterministic` is unused)."""
-    n = learner.actor.num_samples
-    o = torch.as_tensor(obs, dtype=torch.float32, device=learner.critic.weights[0].device).repeat_interleave(n, 0)
-    a = learner.actor(o, learner.vae.decode(o))  # [B n, act]
+def act(learner: Learner, obs: np.ndarray, n: int, deterministic: bool) -> np.ndarray:
+    """BCQ's policy (BCQ.py `select_action`): pi(s) = argmax over a_i + xi(s, a_i, Phi) of Q_1, with n
+    actions a_i = G_w(s, z_i). obs [B, obs] -> [B, act]. deterministic: the same n latents z_i
+    (`fixed_latents`) for every state and call, so the action is a function of the state; otherwise fresh
+    latents from the clipped prior at every call."""
+    device = learner.critic.weights[0].device
+    o = torch.as_tensor(obs, dtype=torch.float32, device=device).repeat_interleave(n, 0)  # [B n, obs]
+    z = fixed_latents(n, learner.vae.latent_dim).to(device).repeat(len(obs), 1) if deterministic else None
+    a = learner.actor(o, learner.vae.decode(o, z))  # [B n, act]
     best = learner.critic(o, a)[0].view(-1, n).argmax(1)  # [B]
-    return a.view(-1, n, a.shape[-1])[torch.arange(len(best), device=best.device), best].cpu().numpy()
+    return a.view(-1, n, a.shape[-1])[torch.arange(len(best), device=device), best].cpu().numpy()
 
 
 # =====================================================================================
@@ -627,25 +713,43 @@ def set_env_state(env: gym.Env, s: dict) -> None:
     env._elapsed_steps, u.np_random.bit_generator.state = s["elapsed_steps"], s["np_random"]
 
 
+def learner_state(learner: Learner) -> dict:
+    """The checkpoint entries of a Learner: its fields' state dicts."""
+    return {k: v.state_dict() for k, v in learner._asdict().items()}
+
+
+def load_learner_state(learner: Learner, s: dict) -> None:
+    for k, v in learner._asdict().items():
+        v.load_state_dict(s[k])
+
+
 def trim_evals(csv_path: str, rows: int) -> None:
-    """On resume, keep the first `rows` evaluations (those the checkpoint had seen); later ones are redone."""
+    """On resume, keep the first `rows` evaluations (those the checkpoint had seen); later ones are redone.
+    (By count: the last offline evaluation and the one at 0 online steps share their updates and env_steps.)"""
     if os.path.exists(csv_path):
         lines = open(csv_path).read().splitlines()
         with open(csv_path, "w") as f:
             f.write("\n".join(lines[: 1 + rows]) + "\n")
 
 
-def learner_state(learner: Learner) -> dict:
-    return {k: v.state_dict() if hasattr(v, "state_dict") else v.detach().cpu() for k, v in learner._asdict().items()}
+class StatMeans:
+    """Sums of the updates' statistics, kept as device tensors until `pop`: one host sync per log."""
 
+    def __init__(self):
+        self.sums = {}
+        self.count = 0
 
-def load_learner_state(learner: Learner, s: dict) -> None:
-    for k, v in learner._asdict().items():
-        if hasattr(v, "load_state_dict"):
-            v.load_state_dict(s[k])
-        else:
-            with torch.no_grad():
-                v.copy_(s[k])
+    def add(self, stats: dict) -> None:
+        for key, value in stats.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+
+    def pop(self) -> dict:
+        """The means since the last pop, as floats; then start over."""
+        means = {key: float(total) / self.count for key, total in self.sums.items()}
+        self.sums = {}
+        self.count = 0
+        return means
 
 
 def main(args: Args) -> None:
@@ -657,6 +761,8 @@ def main(args: Args) -> None:
         "eval_episodes",
         "log_every",
         "batch_size",
+        "target_samples",
+        "select_samples",
     ):
         if getattr(args, name) <= 0:
             raise InputError(f"--{name.replace('_', '-')} must be positive")
@@ -666,8 +772,11 @@ def main(args: Args) -> None:
         if not args.run_dir or not os.path.exists(os.path.join(args.run_dir, "checkpoint.pt")):
             raise InputError(f"--resume needs --run-dir <a run dir holding checkpoint.pt> (got {args.run_dir!r})")
         run = load_checkpoint(os.path.join(args.run_dir, "checkpoint.pt"), "")
-        if run.get("format") != f"off2on-{SCRIPT}/1" or args.online_steps < run["env_steps"]:
-            raise InputError(f"{args.run_dir}/checkpoint.pt is not a {SCRIPT} run, or is past --online-steps")
+        if run.get("format") != CKPT_FORMAT or args.online_steps < run["env_steps"]:
+            raise InputError(
+                f"{args.run_dir}/checkpoint.pt is not an {CKPT_FORMAT} checkpoint (older versions cannot be "
+                "resumed; start a new --run-dir), or is past --online-steps"
+            )
         keep = {k: getattr(args, k) for k in ("device", "track", "online_steps", "resume", "run_dir")}
         try:
             args = dataclasses.replace(Args(**run["args"]), **keep)
@@ -689,7 +798,7 @@ def main(args: Args) -> None:
     buf = Replay(data, args.online_steps)
     del data
     obs, _ = env.reset(seed=args.seed)
-    counters, ep_ret, ep_len = {"updates": 0, "env_steps": 0, "epoch": 0, "started": False, "eval_rows": 0}, 0.0, 0
+    counters, ep_ret, ep_len = {"updates": 0, "env_steps": 0, "epoch": 0, "started": False, "evals": 0}, 0.0, 0
     if args.resume:  # everything the run would hold had it not stopped
         try:
             load_learner_state(learner, run)
@@ -701,7 +810,8 @@ def main(args: Args) -> None:
         st = run["env_state"]
         obs, ep_ret, ep_len = st["obs"].numpy(), st["ep_return"], st["ep_length"]
         set_rng_state(run["rng"])
-        trim_evals(os.path.join(run_dir, "evals.csv"), counters["eval_rows"])
+        trim_evals(os.path.join(run_dir, "evals.csv"), counters["evals"])
+        trim_rows(os.path.join(run_dir, "train.csv"), "env_steps", counters["env_steps"])
         del run
     logger = Logger(args, run_dir, SCRIPT)
     print(
@@ -709,23 +819,17 @@ def main(args: Args) -> None:
         + (f"\nresumed at {counters['updates']} updates, {counters['env_steps']} env steps" if args.resume else "")
     )
 
-    def eval_row(phase: str) -> float:  # the evaluation policy act(..., True), D4RL normalized score
-        returns = evaluate(args.env, lambda o: act(learner, o, True), args.eval_episodes, args.seed + 10_000)
-        counters["eval_rows"] += 1
-        return logger.eval_row(
-            phase,
-            counters["updates"],
-            counters["env_steps"],
-            "policy",
-            returns,
-            args.env,
-            counters["updates"] if phase == "offline" else counters["env_steps"],
-        )
+    def eval_row(phase: str) -> float:  # deterministic policy (fixed latents), D4RL normalized score, new start states
+        seed = eval_seed(args.seed, counters["evals"])
+        returns = evaluate(args.env, lambda o: act(learner, o, args.select_samples, True), args.eval_episodes, seed)
+        counters["evals"] += 1
+        step = counters["updates"] if phase == "offline" else counters["env_steps"]
+        return logger.eval_row(phase, counters["updates"], counters["env_steps"], "policy", returns, args.env, step)
 
     def save():
         save_checkpoint(
             {
-                "format": f"off2on-{SCRIPT}/1",
+                "format": CKPT_FORMAT,
                 "args": dataclasses.asdict(args),
                 **learner_state(learner),
                 "online": torch.from_numpy(buf.rows[buf.M : buf.M + buf.n_online].copy()),
@@ -741,7 +845,7 @@ def main(args: Args) -> None:
             ckpt_path,
         )
 
-    # ---- offline phase: the update rule on the dataset alone (no online rows yet)
+    # ---- offline phase: the update rule on the dataset alone (no online rows yet); offline/<stat> against updates
     pbar = tqdm(
         total=args.offline_updates,
         initial=min(counters["updates"], args.offline_updates),
@@ -749,14 +853,16 @@ def main(args: Args) -> None:
         mininterval=5,
         disable=None,
     )
+    stat_means = StatMeans()
     try:
         while counters["updates"] < args.offline_updates:
-            stats = train_step(learner, buf, args)
+            stat_means.add(train_step(learner, buf, args))
             counters["updates"] += 1
             pbar.update()
-            if counters["updates"] % args.log_every == 0:
-                logger.scalars(stats, counters["updates"])
-            if counters["updates"] % args.eval_every == 0 or counters["updates"] == args.offline_updates:
+            last = counters["updates"] == args.offline_updates
+            if counters["updates"] % args.log_every == 0 or last:  # means over the updates since the last log
+                logger.scalars({f"offline/{k}": v for k, v in stat_means.pop().items()}, counters["updates"])
+            if counters["updates"] % args.eval_every == 0 or last:
                 pbar.set_postfix(score=f"{eval_row('offline'):.1f}")
                 save()
         pbar.close()
@@ -776,20 +882,22 @@ def main(args: Args) -> None:
             start = counters["env_steps"]
             new_rows = np.empty((min(args.epoch_steps, args.online_steps - start), buf.rows.shape[1]), np.float32)
             for i in range(len(new_rows)):  # explore by sampling the policy
-                a = act(learner, obs[None], False)[0]
+                a = act(learner, obs[None], args.select_samples, False)[0]
                 next_obs, rew, term, trunc, _ = env.step(a)
                 new_rows[i] = np.concatenate([obs, a, [rew], next_obs, [float(term)]])  # truncation: not terminal
                 obs, ep_ret, ep_len = next_obs, ep_ret + float(rew), ep_len + 1
                 if term or trunc:
-                    logger.scalars({"charts/episodic_return": ep_ret, "charts/episodic_length": ep_len}, start + i + 1)
+                    logger.scalars({"online/episodic_return": ep_ret, "online/episodic_length": ep_len}, start + i + 1)
                     (obs, _), ep_ret, ep_len = env.reset(), 0.0, 0
             buf.add_online(new_rows)
             counters["env_steps"] += len(new_rows)
             pbar.update(len(new_rows))
             for _ in range(len(new_rows) * (args.first_epoch_multiplier if counters["epoch"] == 0 else 1)):
-                stats = train_step(learner, buf, args)
+                stat_means.add(train_step(learner, buf, args))
                 counters["updates"] += 1
-            logger.scalars(stats, counters["env_steps"])  # last update's scalars: one host sync per epoch
+            means = stat_means.pop()  # the epoch's means: one host sync per epoch
+            logger.scalars({f"online/{k}": v for k, v in means.items()}, counters["env_steps"])
+            logger.train_row({"env_steps": counters["env_steps"], "updates": counters["updates"], **means})
             counters["epoch"] += 1
             pbar.set_postfix(score=f"{eval_row('online'):.1f}")
             save()  # every epoch: a killed run loses at most one epoch

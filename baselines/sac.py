@@ -2,6 +2,8 @@
 Learning via Balanced Replay and Pessimistic Q-Ensemble" (CoRL 2021), trained online with no offline
 data. SAC: Haarnoja et al., "Soft Actor-Critic Algorithms and Applications" (arXiv 1812.05905):
 tanh-Gaussian actor, twin Q with target networks, automatic entropy tuning (target entropy -|A|).
+The SAC update is the one of baselines/sac_ft.py, letter for letter (the section "SAC: ..." is
+identical in both files).
 
 Run:     python baselines/sac.py --env hopper --online-steps 250000
 Resume:  python baselines/sac.py --env hopper --run-dir runs/<run> --resume
@@ -9,17 +11,23 @@ Resume:  python baselines/sac.py --env hopper --run-dir runs/<run> --resume
 Loop (rlkit's, as the paper's SAC): `--learning-starts` uniform-random env steps, then epochs of
 `--epoch-steps` env steps with the stochastic policy followed by as many gradient updates.
 Time-limit endings are truncations (the target bootstraps); true terminations are not.
-make_dataset.py trains its behaviour agents with this file: `for p in sac.train(args): ...` yields a
-`Progress` after every evaluation.
+Evaluation, the protocol of every off2on script: --eval-episodes (5) deterministic episodes every
+--eval-every (1,000) env steps and once at 0 env steps; the k-th evaluation of a run resets its envs
+with eval_seed(seed, k), so each starts from new states (the same ones after a --resume).
+make_dataset.py trains its behaviour agents with this file (with its own --eval-every and
+--eval-episodes): `for p in sac.train(args): ...` yields a `Progress` after every evaluation.
 
-Checkpoint: <run dir>/checkpoint.pt, written atomically at the end of every `--checkpoint-every` env
+Writes to the run directory: evals.csv; train.csv, one row per epoch with updates: env_steps, updates
+and the epoch's means of critic_loss, actor_loss, alpha, q_mean, entropy (tensorboard: online/<stat>
+against env steps); checkpoint.pt, written atomically at the end of every `--checkpoint-every` env
 steps (rounded to epochs), when a caller stops `train` early, and at the end:
-{"format": "off2on-sac/1", "args", "obs_dim", "act_dim", "actor", "critic", "critic_target",
- "log_alpha", "actor_opt", "critic_opt", "alpha_opt", "buffer" (arrays of every transition so far),
- "env_steps", "updates", "env_state" (MuJoCo state, time-limit counter, env RNG, current obs and
+{"format": "off2on-sac/2", "args", "obs_dim", "act_dim", "actor", "critic", "critic_target",
+ "log_alpha", "opt" (Adam), "buffer" (arrays of every transition so far), "env_steps", "updates",
+ "evals" (evaluations so far), "env_state" (MuJoCo state, time-limit counter, env RNG, current obs and
  episode stats), "rng"}. Loaded with torch.load(weights_only=True).
 """
 
+import copy
 import dataclasses
 import json
 import math
@@ -27,6 +35,7 @@ import os
 import random
 import sys
 import time
+from collections import namedtuple
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -37,6 +46,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
+
+CKPT_FORMAT = "off2on-sac/2"
 
 
 @dataclass
@@ -61,10 +72,10 @@ class Args:
     """environment steps (the paper's online budget is 250k)"""
     offline_updates: int = 0
     """unused: SAC has no offline phase (kept so every script has the same CLI)"""
-    eval_every: int = 5_000
-    """evaluate the deterministic policy every this many env steps (rounded to epochs)"""
-    eval_episodes: int = 10
-    """episodes per evaluation"""
+    eval_every: int = 1_000
+    """evaluate the deterministic policy every this many env steps (rounded to epochs), and at 0 env steps"""
+    eval_episodes: int = 5
+    """episodes per evaluation (new start states each time)"""
     checkpoint_every: int = 25_000
     """write checkpoint.pt every this many env steps (rounded to epochs)"""
     learning_starts: int = 10_000
@@ -83,8 +94,6 @@ class Args:
     """discount"""
     tau: float = 5e-3
     """target network Polyak rate"""
-    log_every: int = 1_000
-    """write training scalars every this many updates (the only host syncs of the update loop)"""
 
 
 # =====================================================================================
@@ -99,6 +108,26 @@ REF_RETURNS = {
     "walker2d": (1.629008, 4592.3),
 }
 KINDS = ("random", "medium", "medium-replay", "expert", "medium-expert", "policy-rollouts")
+# MuJoCo (from 3.16) warns at every compilation of a model that sets the deprecated compiler attribute
+# settotalmass, and gymnasium's half_cheetah.xml sets it (still in gymnasium 1.4.0, the newest), so every
+# HalfCheetah env printed the same warning to stderr (and appended it to ./MUJOCO_LOG.TXT), and every
+# evaluation makes 5-11 envs. The attribute still scales the masses as before: only its message is dropped.
+SETTOTALMASS_WARNING = "compiler attribute 'settotalmass' is deprecated"
+
+
+def mujoco_warning(message: str) -> None:
+    """MuJoCo's warning callback: every warning goes to stderr, except the settotalmass deprecation."""
+    if not message.startswith(SETTOTALMASS_WARNING):
+        print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def install_mujoco_warning_filter() -> None:
+    import mujoco
+
+    mujoco.set_mju_user_warning(mujoco_warning)  # one global callback: replaces MuJoCo's default printing
+
+
+install_mujoco_warning_filter()
 
 
 class InputError(Exception):
@@ -149,11 +178,55 @@ def load_dataset(env: str, dataset: str) -> dict:
         ds_id = dataset
     else:
         raise InputError(f"unknown dataset {dataset!r}; use one of {', '.join(KINDS)}, a Minari id, or a .hdf5 path")
+    if ds_id not in minari.list_local_datasets():
+        download_minari_dataset(ds_id)
     try:
-        ds = minari.load_dataset(ds_id, download=True)
-    except Exception as e:  # no hub, unknown id, corrupt files: one line, not a traceback
-        raise InputError(f"could not load Minari dataset {ds_id}: {str(e).splitlines()[0]}") from e
+        ds = minari.load_dataset(ds_id)
+    except Exception as e:  # corrupt or incompatible files: one line, not a traceback
+        raise InputError(f"could not load Minari dataset {ds_id}: {first_line(e)}") from e
     return minari_to_arrays(ds)
+
+
+def download_minari_dataset(ds_id: str) -> None:
+    """Download a Minari id from Minari's remote (Farama's datasets on the Hugging Face hub unless
+    MINARI_REMOTE says otherwise) into the local Minari folder; any failure is one InputError line."""
+    import minari
+
+    try:  # huggingface_hub: minari's hf extra, which minari imports only to download
+        from huggingface_hub.utils import logging as hub_logging
+    except ImportError as e:
+        raise InputError(
+            f"could not download Minari dataset {ds_id}: huggingface_hub is not installed; "
+            "install the pinned versions with: pip install -r requirements.txt"
+        ) from e
+    print(f"{ds_id} is not in the local Minari folder: downloading it", flush=True)
+    # huggingface_hub logs each of its 5 retries to stderr (about 25 s in all when no hub answers); the one
+    # error line below says what went wrong.
+    verbosity = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()
+    try:
+        minari.download_dataset(ds_id)
+    except Exception as e:
+        # No answer: OfflineModeIsEnabled (a ConnectionError) under HF_HUB_OFFLINE=1, or a transport
+        # error of huggingface_hub's HTTP client (httpx2: connection refused, unknown host, timeout).
+        if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__module__.startswith("httpx"):
+            raise InputError(
+                f"could not download Minari dataset {ds_id}: no answer from the hub ({first_line(e)}); "
+                "check the network (and HF_ENDPOINT, HF_HUB_OFFLINE), or use a dataset kind made by "
+                "make_dataset.py or a D4RL .hdf5 file"
+            ) from e
+        reason = first_line(e).rstrip(".")
+        raise InputError(
+            f"could not download Minari dataset {ds_id}: {reason}; `minari list remote` lists the ids"
+        ) from e
+    finally:
+        hub_logging.set_verbosity(verbosity)
+
+
+def first_line(e: Exception) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def minari_to_arrays(ds) -> dict:
@@ -205,6 +278,9 @@ def load_d4rl_hdf5(path: str) -> dict:
 # =====================================================================================
 
 
+# =====================================================================================
+# Replay: every transition in the order it happened.
+# =====================================================================================
 class ReplayBuffer:
     """Preallocated numpy arrays; `sample` draws a whole minibatch with one fancy index per field.
     Transitions are stored in the order they happened, so episodes can be read back (make_dataset)."""
@@ -226,9 +302,11 @@ class ReplayBuffer:
         self.ptr = (self.ptr + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
-    def sample(self, n: int, device: torch.device) -> dict:
+    def sample(self, n: int, device: torch.device):
+        """A uniform minibatch (s, a, r, s', terminated) on `device`; truncations are left out (they bootstrap)."""
         idx = np.random.randint(0, self.size, n)
-        return {k: torch.as_tensor(v[idx], device=device) for k, v in self.data.items()}
+        keys = ("observations", "actions", "rewards", "next_observations", "terminations")
+        return tuple(torch.as_tensor(self.data[k][idx], device=device) for k in keys)
 
     def state_dict(self) -> dict:
         return {
@@ -244,13 +322,14 @@ class ReplayBuffer:
 
 
 # =====================================================================================
-# Networks
+# SAC: tanh-Gaussian actor, twin critics, the three losses and one gradient step.
+# Identical in baselines/sac.py and baselines/sac_ft.py (tests/test_common_sections.py checks it).
 # =====================================================================================
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 
 
 class Actor(nn.Module):
-    """tanh-Gaussian policy: a = tanh(u), u ~ N(mu(s), sigma(s)^2)."""
+    """tanh-Gaussian policy: a = tanh(u), u ~ N(mu(s), sigma(s)^2), log sigma clamped to [-20, 2]."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
         super().__init__()
@@ -263,34 +342,35 @@ class Actor(nn.Module):
         return self.mu(h), self.log_std(h).clamp(LOG_STD_MIN, LOG_STD_MAX)
 
     def sample(self, obs):
-        """Reparameterized action and its log-probability (change of variables through tanh)."""
+        """Reparameterized a = tanh(mu + sigma eps) and its log-probability, Appendix C of 1812.05905:
+        log pi(a|s) = log N(u; mu, sigma^2) - sum log(1 - tanh(u)^2)."""
         mu, log_std = self(obs)
-        u = mu + log_std.exp() * torch.randn_like(mu)
-        # Appendix C of 1812.05905: log pi(a|s) = log N(u; mu, sigma) - sum log(1 - tanh(u)^2),
-        # with log(1 - tanh(u)^2) written stably as 2 (log 2 - u - softplus(-2u))
-        logp = (-0.5 * ((u - mu) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-        logp = logp - (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
-        return torch.tanh(u), logp
+        eps = torch.randn_like(mu)
+        u = mu + log_std.exp() * eps
+        log_normal = (-0.5 * eps.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        log_det = (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)  # = log(1 - tanh(u)^2), stable form
+        return torch.tanh(u), log_normal - log_det
 
-    def act(self, obs, deterministic: bool = False):
+    def act(self, obs, deterministic: bool):
+        """tanh(mu(s)) to evaluate, a sample of the policy to explore."""
         return torch.tanh(self(obs)[0]) if deterministic else self.sample(obs)[0]
 
 
 class TwinQ(nn.Module):
     """Two Q-networks in one module: weights [2, in, out], one batched matmul per layer. Output [2, B]."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, n: int = 2):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
         super().__init__()
         sizes = [obs_dim + act_dim, hidden, hidden, 1]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-            bound = 1 / math.sqrt(fan_in)  # nn.Linear's default initialization
-            self.weights.append(nn.Parameter(torch.empty(n, fan_in, fan_out).uniform_(-bound, bound)))
-            self.biases.append(nn.Parameter(torch.empty(n, 1, fan_out).uniform_(-bound, bound)))
+            bound = 1 / math.sqrt(fan_in)  # nn.Linear's default initialization, drawn for each of the two
+            self.weights.append(nn.Parameter(torch.empty(2, fan_in, fan_out).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(2, 1, fan_out).uniform_(-bound, bound)))
 
     def forward(self, obs, act):
-        x = torch.cat([obs, act], -1).expand(len(self.weights[0]), -1, -1).contiguous()
+        x = torch.cat([obs, act], -1).expand(2, -1, -1)
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             x = torch.baddbmm(b, x, w)
             if i < len(self.weights) - 1:
@@ -298,77 +378,75 @@ class TwinQ(nn.Module):
         return x.squeeze(-1)
 
 
-@dataclass
-class Agent:
-    actor: Actor
-    critic: TwinQ
-    critic_target: TwinQ
-    log_alpha: torch.Tensor
-    actor_opt: torch.optim.Optimizer
-    critic_opt: torch.optim.Optimizer
-    alpha_opt: torch.optim.Optimizer
-    target_entropy: float
+Learner = namedtuple("Learner", "actor critic critic_target log_alpha opt")
 
 
-def make_agent(obs_dim: int, act_dim: int, hidden: int, lr: float, device: torch.device) -> Agent:
+def make_learner(obs_dim: int, act_dim: int, hidden: int, lr: float, device: torch.device) -> Learner:
+    """Fresh SAC: alpha = 1, target critics = critics. Adam is per-parameter, so one Adam over actor,
+    critics and alpha equals one per network."""
     actor = Actor(obs_dim, act_dim, hidden).to(device)
     critic = TwinQ(obs_dim, act_dim, hidden).to(device)
-    critic_target = TwinQ(obs_dim, act_dim, hidden).to(device)
-    critic_target.load_state_dict(critic.state_dict())
-    critic_target.requires_grad_(False)
     log_alpha = torch.zeros((), device=device, requires_grad=True)
-    return Agent(
-        actor,
-        critic,
-        critic_target,
-        log_alpha,
-        torch.optim.Adam(actor.parameters(), lr=lr),
-        torch.optim.Adam(critic.parameters(), lr=lr),
-        torch.optim.Adam([log_alpha], lr=lr),
-        target_entropy=-float(act_dim),
-    )
+    opt = torch.optim.Adam([*actor.parameters(), *critic.parameters(), log_alpha], lr=lr, fused=True)
+    return Learner(actor, critic, copy.deepcopy(critic).requires_grad_(False), log_alpha, opt)
 
 
-# =====================================================================================
-# Losses and the update
-# =====================================================================================
-def update(ag: Agent, b: dict, gamma: float, tau: float) -> dict:
-    """One SAC gradient step on every network; returns detached scalars (no host sync here)."""
-    alpha = ag.log_alpha.exp().detach()
-    # Critic: soft Bellman residual, Eq. (5) of 1812.05905 (without its 1/2, as rlkit), J_Q = E[(Q_i(s,a) - y)^2],
-    # y = r + gamma (1 - terminated) (min_j Q'_j(s', a') - alpha log pi(a'|s')), a' ~ pi(.|s')
-    with torch.no_grad():
-        next_a, next_logp = ag.actor.sample(b["next_observations"])
-        q_next = ag.critic_target(b["next_observations"], next_a).min(0).values - alpha * next_logp
-        y = b["rewards"] + gamma * (1.0 - b["terminations"]) * q_next
-    q = ag.critic(b["observations"], b["actions"])
-    critic_loss = ((q - y) ** 2).mean(1).sum()
-    # Actor: Eq. (7), J_pi = E[alpha log pi(a|s) - min_j Q_j(s, a)], a ~ pi(.|s) reparameterized
-    a, logp = ag.actor.sample(b["observations"])
-    ag.critic.requires_grad_(False)  # the actor loss must not put gradients on the critics
-    q_pi = ag.critic(b["observations"], a).min(0).values
-    ag.critic.requires_grad_(True)
-    actor_loss = (alpha * logp - q_pi).mean()
-    # Temperature: Eq. (18) in log space (as rlkit), J(alpha) = E[-log alpha (log pi(a|s) + target entropy)]
-    alpha_loss = -(ag.log_alpha * (logp.detach() + ag.target_entropy)).mean()
-    # all gradients from the pre-update weights (as rlkit), then all steps
-    opts = (ag.critic_opt, ag.actor_opt, ag.alpha_opt)
-    for opt in opts:
-        opt.zero_grad(set_to_none=True)
-    (critic_loss + actor_loss + alpha_loss).backward()  # the three losses touch disjoint parameters
-    for opt in opts:
-        opt.step()
-    with torch.no_grad():  # Polyak averaging of the target critics
-        for p_t, p in zip(ag.critic_target.parameters(), ag.critic.parameters()):
-            p_t.lerp_(p, tau)
-    return {
-        "losses/critic": critic_loss.detach(),
-        "losses/actor": actor_loss.detach(),
-        "losses/alpha": alpha_loss.detach(),
-        "losses/alpha_value": alpha,
-        "losses/q": q.detach().mean(),
-        "losses/entropy": -logp.detach().mean(),
+def sac_losses(learner: Learner, batch, gamma: float):
+    """The three SAC losses (Haarnoja et al., arXiv 1812.05905) on one batch (s, a, r, s', terminated) [B, *];
+    time-limit truncations are not terminations: their target bootstraps."""
+    s, a, r, s2, d = batch
+    alpha = learner.log_alpha.exp().detach()
+    target_entropy = -float(learner.actor.mu.out_features)  # -|A|
+    with torch.no_grad():  # y = r + gamma (1-d) (min_j Q'_j(s', a') - alpha log pi(a'|s')), a' ~ pi(.|s')
+        a2, logp2 = learner.actor.sample(s2)
+        y = r + (1 - d) * gamma * (learner.critic_target(s2, a2).min(0).values - alpha * logp2)
+    q = learner.critic(s, a)
+    # Eq. 5 of 1812.05905 (soft Bellman residual, without its 1/2, as rlkit): J_Q = E[(Q_j(s,a) - y)^2], j = 1, 2
+    critic_loss = (q - y).pow(2).mean(1).sum()
+    # Eq. 7 (reparameterized): J_pi = E[alpha log pi(a|s) - min_j Q_j(s, a)], a = tanh(mu + sigma eps);
+    # critics frozen for this forward, so the actor loss gives them no gradient
+    a_pi, logp_pi = learner.actor.sample(s)
+    learner.critic.requires_grad_(False)
+    q_pi = learner.critic(s, a_pi).min(0).values
+    learner.critic.requires_grad_(True)
+    actor_loss = (alpha * logp_pi - q_pi).mean()
+    # Eq. 18 in log space (as rlkit): J(alpha) = E[-log alpha (log pi(a|s) + target entropy)]
+    alpha_loss = -(learner.log_alpha * (logp_pi.detach() + target_entropy)).mean()
+    stats = {
+        "critic_loss": critic_loss.detach(),
+        "actor_loss": actor_loss.detach(),
+        "alpha": alpha,
+        "q_mean": q.detach().mean(),
+        "entropy": -logp_pi.detach().mean(),
     }
+    return critic_loss, actor_loss, alpha_loss, stats
+
+
+def sac_update(learner: Learner, batch, gamma: float, tau: float) -> dict:
+    """One SAC gradient step: the three gradients from the pre-update weights (as rlkit), one Adam step,
+    then the target critics. Returns detached scalars: no host sync here."""
+    critic_loss, actor_loss, alpha_loss, stats = sac_losses(learner, batch, gamma)
+    learner.opt.zero_grad(set_to_none=True)
+    (critic_loss + actor_loss + alpha_loss).backward()  # each loss reaches only its own parameters
+    learner.opt.step()
+    with torch.no_grad():  # target critics: theta' <- (1 - tau) theta' + tau theta
+        for p, tp in zip(learner.critic.parameters(), learner.critic_target.parameters()):
+            tp.lerp_(p, tau)
+    return stats
+
+
+def learner_state(learner: Learner) -> dict:
+    """The checkpoint entries of a Learner: its fields' state dicts, log_alpha as a tensor."""
+    return {k: v.state_dict() if hasattr(v, "state_dict") else v.detach().cpu() for k, v in learner._asdict().items()}
+
+
+def load_learner_state(learner: Learner, s: dict) -> None:
+    for k, v in learner._asdict().items():
+        if hasattr(v, "load_state_dict"):
+            v.load_state_dict(s[k])
+        else:
+            with torch.no_grad():
+                v.copy_(s[k])
 
 
 # =====================================================================================
@@ -561,6 +639,9 @@ def run_main(main_fn) -> None:
 # =====================================================================================
 
 
+# =====================================================================================
+# The loop: the policy for rollouts, env state for exact resume, training.
+# =====================================================================================
 def policy_fn(actor: Actor, device: torch.device, deterministic: bool = True):
     """obs batch (numpy) -> action batch (numpy), for `evaluate` and dataset rollouts."""
 
@@ -598,14 +679,24 @@ def set_env_state(env: gym.Env, s: dict) -> None:
     u.np_random.bit_generator.state = s["np_random"]
 
 
-def trim_evals(csv_path: str, env_steps: int) -> None:
-    """On resume, drop evaluation rows written after the checkpoint (they will be redone)."""
-    if os.path.exists(csv_path):
-        lines = open(csv_path).read().splitlines()
-        col = EVAL_COLUMNS.index("env_steps")
-        keep = lines[:1] + [ln for ln in lines[1:] if int(ln.split(",")[col]) <= env_steps]
-        with open(csv_path, "w") as f:
-            f.write("\n".join(keep) + "\n")
+class StatMeans:
+    """Sums of the updates' statistics, kept as device tensors until `pop`: one host sync per log."""
+
+    def __init__(self):
+        self.sums = {}
+        self.count = 0
+
+    def add(self, stats: dict) -> None:
+        for key, value in stats.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+
+    def pop(self) -> dict:
+        """The means since the last pop, as floats; then start over."""
+        means = {key: float(total) / self.count for key, total in self.sums.items()}
+        self.sums = {}
+        self.count = 0
+        return means
 
 
 @dataclass
@@ -615,35 +706,15 @@ class Progress:
     env_steps: int
     updates: int
     eval_returns: np.ndarray
-    agent: Agent
+    learner: Learner
     buffer: ReplayBuffer
     run_dir: str
 
 
-def checkpoint_dict(args, ag: Agent, buf: ReplayBuffer, env_steps: int, updates: int, env_state: dict) -> dict:
-    return {
-        "format": "off2on-sac/1",
-        "args": dataclasses.asdict(args),
-        "obs_dim": buf.data["observations"].shape[1],
-        "act_dim": buf.data["actions"].shape[1],
-        "actor": ag.actor.state_dict(),
-        "critic": ag.critic.state_dict(),
-        "critic_target": ag.critic_target.state_dict(),
-        "log_alpha": ag.log_alpha.detach().cpu(),
-        "actor_opt": ag.actor_opt.state_dict(),
-        "critic_opt": ag.critic_opt.state_dict(),
-        "alpha_opt": ag.alpha_opt.state_dict(),
-        "buffer": buf.state_dict(),
-        "env_steps": env_steps,
-        "updates": updates,
-        "env_state": env_state,
-        "rng": rng_state(),
-    }
-
-
 def train(args: Args):
-    """Generator: trains SAC online, yields a `Progress` after every evaluation. Stopping it early
-    (break / close) writes a checkpoint first, so `--resume` continues from there."""
+    """Generator: trains SAC online, yields a `Progress` after every evaluation (the first at 0 env steps,
+    before any transition). Stopping it early (break / close) writes a checkpoint first, so `--resume`
+    continues from there."""
     env_id = check_env(args.env)
     for name in ("online_steps", "epoch_steps", "eval_every", "eval_episodes", "checkpoint_every", "batch_size"):
         if getattr(args, name) <= 0:
@@ -657,50 +728,84 @@ def train(args: Args):
     env = gym.make(env_id)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     low, high = env.action_space.low, env.action_space.high
-    ag = make_agent(obs_dim, act_dim, args.hidden, args.lr, device)
+    learner = make_learner(obs_dim, act_dim, args.hidden, args.lr, device)
     buf = ReplayBuffer(args.buffer_size, obs_dim, act_dim)
     obs, _ = env.reset(seed=args.seed)
-    env_steps = updates = ep_len = 0
-    ep_ret = 0.0
+    counters, ep_ret, ep_len = {"env_steps": 0, "updates": 0, "evals": 0}, 0.0, 0
     if args.resume:
         ck = load_checkpoint(ckpt_path, f"python baselines/sac.py --env {args.env} --run-dir {run_dir}")
-        if (ck.get("obs_dim"), ck.get("act_dim"), ck["actor"]["mu.weight"].shape[1]) != (obs_dim, act_dim, args.hidden):
+        if ck.get("format") != CKPT_FORMAT:
             raise InputError(
-                f"{ckpt_path} was made for another env or --hidden (obs {ck.get('obs_dim')}, "
-                f"act {ck.get('act_dim')}); use the same --env and --hidden"
+                f"{ckpt_path} is not an {CKPT_FORMAT} checkpoint (older versions cannot be resumed; "
+                "start a new --run-dir)"
             )
-        for net in ("actor", "critic", "critic_target"):
-            getattr(ag, net).load_state_dict(ck[net])
-        with torch.no_grad():
-            ag.log_alpha.copy_(ck["log_alpha"])
-        for opt in ("actor_opt", "critic_opt", "alpha_opt"):
-            getattr(ag, opt).load_state_dict(ck[opt])
+        if (ck["obs_dim"], ck["act_dim"], ck["actor"]["mu.weight"].shape[1]) != (obs_dim, act_dim, args.hidden):
+            raise InputError(
+                f"{ckpt_path} was made for another env or --hidden (obs {ck['obs_dim']}, "
+                f"act {ck['act_dim']}); use the same --env and --hidden"
+            )
+        load_learner_state(learner, ck)
         buf.load_state_dict(ck["buffer"])
-        env_steps, updates = ck["env_steps"], ck["updates"]
+        counters = {k: ck[k] for k in counters}
         set_env_state(env, ck["env_state"])
         obs, ep_ret, ep_len = ck["env_state"]["obs"].numpy(), ck["env_state"]["ep_return"], ck["env_state"]["ep_length"]
         set_rng_state(ck["rng"])
-        trim_evals(os.path.join(run_dir, "evals.csv"), env_steps)
+        for name in ("evals.csv", "train.csv"):
+            trim_rows(os.path.join(run_dir, name), "env_steps", counters["env_steps"])
     logger = Logger(args, run_dir, "sac")
     print(
-        f"run dir: {run_dir}\ncheckpoint: {ckpt_path}" + (f" (resumed at {env_steps} env steps)" if args.resume else "")
+        f"run dir: {run_dir}\ncheckpoint: {ckpt_path}"
+        + (f" (resumed at {counters['env_steps']} env steps)" if args.resume else "")
     )
 
-    def save():
-        st = {**get_env_state(env), "obs": torch.from_numpy(np.array(obs)), "ep_return": ep_ret, "ep_length": ep_len}
-        save_checkpoint(checkpoint_dict(args, ag, buf, env_steps, updates, st), ckpt_path)
+    def eval_progress() -> Progress:  # deterministic policy tanh(mean), D4RL normalized score, new start states
+        seed = eval_seed(args.seed, counters["evals"])
+        returns = evaluate(args.env, policy_fn(learner.actor, device), args.eval_episodes, seed)
+        counters["evals"] += 1
+        score = logger.eval_row(
+            "online", counters["updates"], counters["env_steps"], "policy", returns, args.env, counters["env_steps"]
+        )
+        pbar.set_postfix(ret=f"{returns.mean():.0f}", score=f"{score:.1f}")
+        return Progress(counters["env_steps"], counters["updates"], returns, learner, buf, run_dir)
 
-    pbar = tqdm(total=args.online_steps, initial=env_steps, desc="sac env steps", mininterval=5, disable=None)
+    def save():
+        save_checkpoint(
+            {
+                "format": CKPT_FORMAT,
+                "args": dataclasses.asdict(args),
+                "obs_dim": obs_dim,
+                "act_dim": act_dim,
+                **learner_state(learner),
+                "buffer": buf.state_dict(),
+                **counters,
+                "env_state": {
+                    **get_env_state(env),
+                    "obs": torch.from_numpy(np.array(obs)),
+                    "ep_return": ep_ret,
+                    "ep_length": ep_len,
+                },
+                "rng": rng_state(),
+            },
+            ckpt_path,
+        )
+
+    pbar = tqdm(
+        total=args.online_steps, initial=counters["env_steps"], desc="sac env steps", mininterval=5, disable=None
+    )
+    stat_means = StatMeans()
     try:
-        while env_steps < args.online_steps:
-            start = env_steps
-            n = min(args.epoch_steps, args.online_steps - env_steps)
+        if counters["evals"] == 0:  # the untrained policy, before any env step
+            yield eval_progress()
+        while counters["env_steps"] < args.online_steps:
+            start = counters["env_steps"]
+            n = min(args.epoch_steps, args.online_steps - start)
             for _ in range(n):  # collect one epoch of experience
-                if env_steps < args.learning_starts:
+                if counters["env_steps"] < args.learning_starts:
                     act = np.random.uniform(low, high).astype(np.float32)
                 else:
                     with torch.no_grad():
-                        act = ag.actor.act(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
+                        o = torch.as_tensor(obs, dtype=torch.float32, device=device)
+                        act = learner.actor.act(o, False).cpu().numpy()
                 next_obs, rew, term, trunc, _ = env.step(act)
                 buf.add(
                     observations=obs,
@@ -710,25 +815,25 @@ def train(args: Args):
                     terminations=term,
                     truncations=trunc,
                 )
-                env_steps, ep_ret, ep_len = env_steps + 1, ep_ret + float(rew), ep_len + 1
-                obs = next_obs
+                counters["env_steps"] += 1
+                obs, ep_ret, ep_len = next_obs, ep_ret + float(rew), ep_len + 1
                 if term or trunc:
-                    logger.scalars({"charts/episodic_return": ep_ret, "charts/episodic_length": ep_len}, env_steps)
+                    logger.scalars(
+                        {"online/episodic_return": ep_ret, "online/episodic_length": ep_len}, counters["env_steps"]
+                    )
                     (obs, _), ep_ret, ep_len = env.reset(), 0.0, 0
             pbar.update(n)
-            if env_steps >= args.learning_starts:  # then as many updates as env steps
+            if counters["env_steps"] >= args.learning_starts:  # then as many updates as env steps
                 for _ in range(n):
-                    metrics = update(ag, buf.sample(args.batch_size, device), args.gamma, args.tau)
-                    updates += 1
-                    if updates % args.log_every == 0:
-                        logger.scalars(metrics, env_steps)
-            done = env_steps >= args.online_steps
-            if done or env_steps // args.eval_every > start // args.eval_every:
-                returns = evaluate(args.env, policy_fn(ag.actor, device), args.eval_episodes, args.seed + 10_000)
-                score = logger.eval_row("online", updates, env_steps, "policy", returns, args.env, env_steps)
-                pbar.set_postfix(ret=f"{returns.mean():.0f}", score=f"{score:.1f}")
-                yield Progress(env_steps, updates, returns, ag, buf, run_dir)
-            if done or env_steps // args.checkpoint_every > start // args.checkpoint_every:
+                    stat_means.add(sac_update(learner, buf.sample(args.batch_size, device), args.gamma, args.tau))
+                    counters["updates"] += 1
+                means = stat_means.pop()  # the epoch's means: one host sync per epoch
+                logger.scalars({f"online/{k}": v for k, v in means.items()}, counters["env_steps"])
+                logger.train_row({"env_steps": counters["env_steps"], "updates": counters["updates"], **means})
+            done = counters["env_steps"] >= args.online_steps
+            if done or counters["env_steps"] // args.eval_every > start // args.eval_every:
+                yield eval_progress()
+            if done or counters["env_steps"] // args.checkpoint_every > start // args.checkpoint_every:
                 save()
     except GeneratorExit:  # the caller stopped early (at a yield, so the state is consistent)
         save()
@@ -737,7 +842,10 @@ def train(args: Args):
         pbar.close()
         logger.close()
         env.close()
-    print(f"done: {env_steps} env steps, {updates} updates\nrun dir: {run_dir}\ncheckpoint: {ckpt_path}")
+    print(
+        f"done: {counters['env_steps']} env steps, {counters['updates']} updates\n"
+        f"run dir: {run_dir}\ncheckpoint: {ckpt_path}"
+    )
 
 
 def main(args: Args) -> None:

@@ -3,19 +3,25 @@ of Lee et al., "Offline-to-Online Reinforcement Learning via Balanced Replay and
 (CoRL 2021). SAC: Haarnoja et al., "Soft Actor-Critic Algorithms and Applications" (arXiv 1812.05905):
 tanh-Gaussian actor, twin Q with target networks, automatic entropy tuning (target entropy -|A|).
 No conservatism offline: Q at actions the dataset never took is unchecked (the bootstrap error that
-Off2On's pessimistic ensemble avoids).
+Off2On's pessimistic ensemble avoids). The SAC update is the one of baselines/sac.py, letter for letter
+(the section "SAC: ..." is identical in both files).
 
 Offline phase: --offline-updates SAC steps on the dataset (evaluation every --eval-every updates).
 Online phase, the schedule of off2on_finetune.py: epochs of --epoch-steps env steps with the stochastic
 policy, then as many updates (the first epoch x --first-epoch-multiplier), an evaluation after every
 epoch and one before the first (env_steps 0); one buffer of offline + online transitions sampled
-uniformly (off2on_finetune.py's `--replay uniform`).
+uniformly (off2on_finetune.py's `--replay uniform`). Every evaluation runs --eval-episodes deterministic
+episodes from new start states: the k-th evaluation of a run resets with eval_seed(seed, k).
 
 Run: python baselines/sac_ft.py --env hopper --dataset medium-replay   (resume: --run-dir D --resume)
-Writes <run dir>/checkpoint.pt ("off2on-sac_ft/1", atomic, after every evaluation; torch.load with
-weights_only=True): {"format", "args", "actor", "critic", "critic_target", "log_alpha", "opt" (Adam),
-"online" (online rows [s, a, r, s', terminal]), "updates", "env_steps", "epoch", "started", "eval_rows",
-"env_state" (MuJoCo state, time-limit counter, env RNG, current obs, episode stats), "rng"}.
+Writes to the run directory: evals.csv; train.csv, one row per online epoch: env_steps, updates and the
+epoch's means of critic_loss, actor_loss, alpha, q_mean, entropy (the offline phase writes no rows);
+tensorboard scalars offline/<stat> (means over --log-every updates, x axis: updates) and online/<stat>
+(epoch means, x axis: env steps); checkpoint.pt ("off2on-sac_ft/2", atomic, after every evaluation;
+torch.load with weights_only=True): {"format", "args", "actor", "critic", "critic_target", "log_alpha",
+"opt" (Adam), "online" (online rows [s, a, r, s', terminal]), "updates", "env_steps", "epoch", "started",
+"evals" (evaluations so far), "env_state" (MuJoCo state, time-limit counter, env RNG, current obs, episode
+stats), "rng"}.
 """
 
 import copy
@@ -39,6 +45,7 @@ import tyro
 from tqdm import tqdm
 
 SCRIPT = "sac_ft"
+CKPT_FORMAT = f"off2on-{SCRIPT}/2"
 
 
 @dataclass
@@ -70,9 +77,10 @@ class Args:
     eval_every: int = 10_000
     """offline: evaluate (and checkpoint) every this many updates; online: after every epoch"""
     eval_episodes: int = 5
-    """episodes per evaluation (deterministic policy tanh(mean))"""
+    """episodes per evaluation (deterministic policy tanh(mean), new start states each time)"""
     log_every: int = 1_000
-    """offline: write training scalars every this many updates (online: once per epoch)"""
+    """offline: write training scalars (means over this many updates) every this many updates (online:
+    once per epoch)"""
     batch_size: int = 256
     """minibatch size"""
     hidden: int = 256
@@ -97,6 +105,26 @@ REF_RETURNS = {
     "walker2d": (1.629008, 4592.3),
 }
 KINDS = ("random", "medium", "medium-replay", "expert", "medium-expert", "policy-rollouts")
+# MuJoCo (from 3.16) warns at every compilation of a model that sets the deprecated compiler attribute
+# settotalmass, and gymnasium's half_cheetah.xml sets it (still in gymnasium 1.4.0, the newest), so every
+# HalfCheetah env printed the same warning to stderr (and appended it to ./MUJOCO_LOG.TXT), and every
+# evaluation makes 5-11 envs. The attribute still scales the masses as before: only its message is dropped.
+SETTOTALMASS_WARNING = "compiler attribute 'settotalmass' is deprecated"
+
+
+def mujoco_warning(message: str) -> None:
+    """MuJoCo's warning callback: every warning goes to stderr, except the settotalmass deprecation."""
+    if not message.startswith(SETTOTALMASS_WARNING):
+        print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def install_mujoco_warning_filter() -> None:
+    import mujoco
+
+    mujoco.set_mju_user_warning(mujoco_warning)  # one global callback: replaces MuJoCo's default printing
+
+
+install_mujoco_warning_filter()
 
 
 class InputError(Exception):
@@ -147,11 +175,55 @@ def load_dataset(env: str, dataset: str) -> dict:
         ds_id = dataset
     else:
         raise InputError(f"unknown dataset {dataset!r}; use one of {', '.join(KINDS)}, a Minari id, or a .hdf5 path")
+    if ds_id not in minari.list_local_datasets():
+        download_minari_dataset(ds_id)
     try:
-        ds = minari.load_dataset(ds_id, download=True)
-    except Exception as e:  # no hub, unknown id, corrupt files: one line, not a traceback
-        raise InputError(f"could not load Minari dataset {ds_id}: {str(e).splitlines()[0]}") from e
+        ds = minari.load_dataset(ds_id)
+    except Exception as e:  # corrupt or incompatible files: one line, not a traceback
+        raise InputError(f"could not load Minari dataset {ds_id}: {first_line(e)}") from e
     return minari_to_arrays(ds)
+
+
+def download_minari_dataset(ds_id: str) -> None:
+    """Download a Minari id from Minari's remote (Farama's datasets on the Hugging Face hub unless
+    MINARI_REMOTE says otherwise) into the local Minari folder; any failure is one InputError line."""
+    import minari
+
+    try:  # huggingface_hub: minari's hf extra, which minari imports only to download
+        from huggingface_hub.utils import logging as hub_logging
+    except ImportError as e:
+        raise InputError(
+            f"could not download Minari dataset {ds_id}: huggingface_hub is not installed; "
+            "install the pinned versions with: pip install -r requirements.txt"
+        ) from e
+    print(f"{ds_id} is not in the local Minari folder: downloading it", flush=True)
+    # huggingface_hub logs each of its 5 retries to stderr (about 25 s in all when no hub answers); the one
+    # error line below says what went wrong.
+    verbosity = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()
+    try:
+        minari.download_dataset(ds_id)
+    except Exception as e:
+        # No answer: OfflineModeIsEnabled (a ConnectionError) under HF_HUB_OFFLINE=1, or a transport
+        # error of huggingface_hub's HTTP client (httpx2: connection refused, unknown host, timeout).
+        if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__module__.startswith("httpx"):
+            raise InputError(
+                f"could not download Minari dataset {ds_id}: no answer from the hub ({first_line(e)}); "
+                "check the network (and HF_ENDPOINT, HF_HUB_OFFLINE), or use a dataset kind made by "
+                "make_dataset.py or a D4RL .hdf5 file"
+            ) from e
+        reason = first_line(e).rstrip(".")
+        raise InputError(
+            f"could not download Minari dataset {ds_id}: {reason}; `minari list remote` lists the ids"
+        ) from e
+    finally:
+        hub_logging.set_verbosity(verbosity)
+
+
+def first_line(e: Exception) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def minari_to_arrays(ds) -> dict:
@@ -241,7 +313,8 @@ class Replay:
 
 
 # =====================================================================================
-# Networks
+# SAC: tanh-Gaussian actor, twin critics, the three losses and one gradient step.
+# Identical in baselines/sac.py and baselines/sac_ft.py (tests/test_common_sections.py checks it).
 # =====================================================================================
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 
@@ -260,13 +333,18 @@ class Actor(nn.Module):
         return self.mu(h), self.log_std(h).clamp(LOG_STD_MIN, LOG_STD_MAX)
 
     def sample(self, obs):
-        """Reparameterized a = tanh(mu + sigma eps) and log pi(a|s) = log N(u; mu, sigma^2) - sum log(1 - tanh(u)^2)."""
+        """Reparameterized a = tanh(mu + sigma eps) and its log-probability, Appendix C of 1812.05905:
+        log pi(a|s) = log N(u; mu, sigma^2) - sum log(1 - tanh(u)^2)."""
         mu, log_std = self(obs)
         eps = torch.randn_like(mu)
         u = mu + log_std.exp() * eps
         log_normal = (-0.5 * eps.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
         log_det = (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)  # = log(1 - tanh(u)^2), stable form
         return torch.tanh(u), log_normal - log_det
+
+    def act(self, obs, deterministic: bool):
+        """tanh(mu(s)) to evaluate, a sample of the policy to explore."""
+        return torch.tanh(self(obs)[0]) if deterministic else self.sample(obs)[0]
 
 
 class TwinQ(nn.Module):
@@ -275,7 +353,8 @@ class TwinQ(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
         super().__init__()
         sizes = [obs_dim + act_dim, hidden, hidden, 1]
-        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
             bound = 1 / math.sqrt(fan_in)  # nn.Linear's default initialization, drawn for each of the two
             self.weights.append(nn.Parameter(torch.empty(2, fan_in, fan_out).uniform_(-bound, bound)))
@@ -290,69 +369,90 @@ class TwinQ(nn.Module):
         return x.squeeze(-1)
 
 
-# =====================================================================================
-# Losses and the update (one gradient step; the same rule offline and online).
-# =====================================================================================
 Learner = namedtuple("Learner", "actor critic critic_target log_alpha opt")
 
 
-def make_learner(obs_dim: int, act_dim: int, args: Args, device: torch.device) -> Learner:
+def make_learner(obs_dim: int, act_dim: int, hidden: int, lr: float, device: torch.device) -> Learner:
     """Fresh SAC: alpha = 1, target critics = critics. Adam is per-parameter, so one Adam over actor,
     critics and alpha equals one per network."""
-    actor, critic = Actor(obs_dim, act_dim, args.hidden).to(device), TwinQ(obs_dim, act_dim, args.hidden).to(device)
+    actor = Actor(obs_dim, act_dim, hidden).to(device)
+    critic = TwinQ(obs_dim, act_dim, hidden).to(device)
     log_alpha = torch.zeros((), device=device, requires_grad=True)
-    opt = torch.optim.Adam([*actor.parameters(), *critic.parameters(), log_alpha], lr=args.lr, fused=True)
+    opt = torch.optim.Adam([*actor.parameters(), *critic.parameters(), log_alpha], lr=lr, fused=True)
     return Learner(actor, critic, copy.deepcopy(critic).requires_grad_(False), log_alpha, opt)
 
 
-def sac_losses(learner: Learner, batch, gamma: float, target_entropy: float):
-    """The three SAC losses on one batch (Haarnoja et al. 2018, arXiv 1812.05905, Sec. 4-5)."""
+def sac_losses(learner: Learner, batch, gamma: float):
+    """The three SAC losses (Haarnoja et al., arXiv 1812.05905) on one batch (s, a, r, s', terminated) [B, *];
+    time-limit truncations are not terminations: their target bootstraps."""
     s, a, r, s2, d = batch
     alpha = learner.log_alpha.exp().detach()
-    with torch.no_grad():  # soft Bellman target y = r + gamma (1-d) V'(s'), soft value V'(s') of a' ~ pi(.|s')
+    target_entropy = -float(learner.actor.mu.out_features)  # -|A|
+    with torch.no_grad():  # y = r + gamma (1-d) (min_j Q'_j(s', a') - alpha log pi(a'|s')), a' ~ pi(.|s')
         a2, logp2 = learner.actor.sample(s2)
         y = r + (1 - d) * gamma * (learner.critic_target(s2, a2).min(0).values - alpha * logp2)
     q = learner.critic(s, a)
-    # SAC critic loss (soft Bellman residual): J_Q = E[(Q_j(s,a) - y)^2], summed over the twin critics j = 1, 2
+    # Eq. 5 of 1812.05905 (soft Bellman residual, without its 1/2, as rlkit): J_Q = E[(Q_j(s,a) - y)^2], j = 1, 2
     critic_loss = (q - y).pow(2).mean(1).sum()
-    # SAC actor loss (reparameterized): J_pi = E[alpha log pi(a|s) - min_j Q_j(s, a)], a = tanh(mu + sigma eps);
+    # Eq. 7 (reparameterized): J_pi = E[alpha log pi(a|s) - min_j Q_j(s, a)], a = tanh(mu + sigma eps);
     # critics frozen for this forward, so the actor loss gives them no gradient
     a_pi, logp_pi = learner.actor.sample(s)
     learner.critic.requires_grad_(False)
     q_pi = learner.critic(s, a_pi).min(0).values
     learner.critic.requires_grad_(True)
     actor_loss = (alpha * logp_pi - q_pi).mean()
-    # SAC temperature loss: J(alpha) = E[-log alpha (log pi(a|s) + target entropy)]
+    # Eq. 18 in log space (as rlkit): J(alpha) = E[-log alpha (log pi(a|s) + target entropy)]
     alpha_loss = -(learner.log_alpha * (logp_pi.detach() + target_entropy)).mean()
     stats = {
-        "losses/critic": critic_loss.detach(),
-        "losses/actor": actor_loss.detach(),
-        "charts/alpha": alpha,
-        "charts/q": q.detach().mean(),
-        "charts/entropy": -logp_pi.detach().mean(),
+        "critic_loss": critic_loss.detach(),
+        "actor_loss": actor_loss.detach(),
+        "alpha": alpha,
+        "q_mean": q.detach().mean(),
+        "entropy": -logp_pi.detach().mean(),
     }
     return critic_loss, actor_loss, alpha_loss, stats
 
 
-def train_step(learner: Learner, buf: Replay, args: Args) -> dict:
-    """One SAC gradient step on a uniform batch of offline + online rows (all gradients from the
-    pre-update weights, as rlkit). Returns detached scalars: no host sync here."""
-    batch = buf.sample(args.batch_size, learner.log_alpha.device)
-    critic_loss, actor_loss, alpha_loss, stats = sac_losses(learner, batch, args.gamma, -float(buf.act_dim))
+def sac_update(learner: Learner, batch, gamma: float, tau: float) -> dict:
+    """One SAC gradient step: the three gradients from the pre-update weights (as rlkit), one Adam step,
+    then the target critics. Returns detached scalars: no host sync here."""
+    critic_loss, actor_loss, alpha_loss, stats = sac_losses(learner, batch, gamma)
     learner.opt.zero_grad(set_to_none=True)
     (critic_loss + actor_loss + alpha_loss).backward()  # each loss reaches only its own parameters
     learner.opt.step()
     with torch.no_grad():  # target critics: theta' <- (1 - tau) theta' + tau theta
         for p, tp in zip(learner.critic.parameters(), learner.critic_target.parameters()):
-            tp.lerp_(p, args.tau)
+            tp.lerp_(p, tau)
     return stats
+
+
+def learner_state(learner: Learner) -> dict:
+    """The checkpoint entries of a Learner: its fields' state dicts, log_alpha as a tensor."""
+    return {k: v.state_dict() if hasattr(v, "state_dict") else v.detach().cpu() for k, v in learner._asdict().items()}
+
+
+def load_learner_state(learner: Learner, s: dict) -> None:
+    for k, v in learner._asdict().items():
+        if hasattr(v, "load_state_dict"):
+            v.load_state_dict(s[k])
+        else:
+            with torch.no_grad():
+                v.copy_(s[k])
+
+
+# =====================================================================================
+# SAC-ft's step: the shared SAC update on a uniform batch of offline + online rows; the policy.
+# =====================================================================================
+def train_step(learner: Learner, buf: Replay, args: Args) -> dict:
+    """One SAC gradient step on a uniform batch of offline + online rows. No host sync here."""
+    return sac_update(learner, buf.sample(args.batch_size, learner.log_alpha.device), args.gamma, args.tau)
 
 
 @torch.no_grad()
 def act(learner: Learner, obs: np.ndarray, deterministic: bool) -> np.ndarray:
     """obs [n, obs] -> actions [n, act]: tanh(mean) to evaluate, a sample of the policy to explore."""
     o = torch.as_tensor(obs, dtype=torch.float32, device=learner.log_alpha.device)
-    return (torch.tanh(learner.actor(o)[0]) if deterministic else learner.actor.sample(o)[0]).cpu().numpy()
+    return learner.actor.act(o, deterministic).cpu().numpy()
 
 
 # =====================================================================================
@@ -569,24 +669,32 @@ def set_env_state(env: gym.Env, s: dict) -> None:
 
 
 def trim_evals(csv_path: str, rows: int) -> None:
-    """On resume, keep the first `rows` evaluations (those the checkpoint had seen); later ones are redone."""
+    """On resume, keep the first `rows` evaluations (those the checkpoint had seen); later ones are redone.
+    (By count: the last offline evaluation and the one at 0 online steps share their updates and env_steps.)"""
     if os.path.exists(csv_path):
         lines = open(csv_path).read().splitlines()
         with open(csv_path, "w") as f:
             f.write("\n".join(lines[: 1 + rows]) + "\n")
 
 
-def learner_state(learner: Learner) -> dict:
-    return {k: v.state_dict() if hasattr(v, "state_dict") else v.detach().cpu() for k, v in learner._asdict().items()}
+class StatMeans:
+    """Sums of the updates' statistics, kept as device tensors until `pop`: one host sync per log."""
 
+    def __init__(self):
+        self.sums = {}
+        self.count = 0
 
-def load_learner_state(learner: Learner, s: dict) -> None:
-    for k, v in learner._asdict().items():
-        if hasattr(v, "load_state_dict"):
-            v.load_state_dict(s[k])
-        else:
-            with torch.no_grad():
-                v.copy_(s[k])
+    def add(self, stats: dict) -> None:
+        for key, value in stats.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+
+    def pop(self) -> dict:
+        """The means since the last pop, as floats; then start over."""
+        means = {key: float(total) / self.count for key, total in self.sums.items()}
+        self.sums = {}
+        self.count = 0
+        return means
 
 
 def main(args: Args) -> None:
@@ -607,8 +715,11 @@ def main(args: Args) -> None:
         if not args.run_dir or not os.path.exists(os.path.join(args.run_dir, "checkpoint.pt")):
             raise InputError(f"--resume needs --run-dir <a run dir holding checkpoint.pt> (got {args.run_dir!r})")
         run = load_checkpoint(os.path.join(args.run_dir, "checkpoint.pt"), "")
-        if run.get("format") != f"off2on-{SCRIPT}/1" or args.online_steps < run["env_steps"]:
-            raise InputError(f"{args.run_dir}/checkpoint.pt is not a {SCRIPT} run, or is past --online-steps")
+        if run.get("format") != CKPT_FORMAT or args.online_steps < run["env_steps"]:
+            raise InputError(
+                f"{args.run_dir}/checkpoint.pt is not an {CKPT_FORMAT} checkpoint (older versions cannot be "
+                "resumed; start a new --run-dir), or is past --online-steps"
+            )
         keep = {k: getattr(args, k) for k in ("device", "track", "online_steps", "resume", "run_dir")}
         try:
             args = dataclasses.replace(Args(**run["args"]), **keep)
@@ -626,11 +737,11 @@ def main(args: Args) -> None:
             f"dataset {args.dataset!r} has obs/action dims {data['observations'].shape[1]}/"
             f"{data['actions'].shape[1]} but {env_id} has {obs_dim}/{act_dim}; use a dataset of {env_id}"
         )
-    learner = make_learner(obs_dim, act_dim, args, device)
+    learner = make_learner(obs_dim, act_dim, args.hidden, args.lr, device)
     buf = Replay(data, args.online_steps)
     del data
     obs, _ = env.reset(seed=args.seed)
-    counters, ep_ret, ep_len = {"updates": 0, "env_steps": 0, "epoch": 0, "started": False, "eval_rows": 0}, 0.0, 0
+    counters, ep_ret, ep_len = {"updates": 0, "env_steps": 0, "epoch": 0, "started": False, "evals": 0}, 0.0, 0
     if args.resume:  # everything the run would hold had it not stopped
         try:
             load_learner_state(learner, run)
@@ -642,7 +753,8 @@ def main(args: Args) -> None:
         st = run["env_state"]
         obs, ep_ret, ep_len = st["obs"].numpy(), st["ep_return"], st["ep_length"]
         set_rng_state(run["rng"])
-        trim_evals(os.path.join(run_dir, "evals.csv"), counters["eval_rows"])
+        trim_evals(os.path.join(run_dir, "evals.csv"), counters["evals"])
+        trim_rows(os.path.join(run_dir, "train.csv"), "env_steps", counters["env_steps"])
         del run
     logger = Logger(args, run_dir, SCRIPT)
     print(
@@ -650,23 +762,17 @@ def main(args: Args) -> None:
         + (f"\nresumed at {counters['updates']} updates, {counters['env_steps']} env steps" if args.resume else "")
     )
 
-    def eval_row(phase: str) -> float:  # the evaluation policy act(..., True), D4RL normalized score
-        returns = evaluate(args.env, lambda o: act(learner, o, True), args.eval_episodes, args.seed + 10_000)
-        counters["eval_rows"] += 1
-        return logger.eval_row(
-            phase,
-            counters["updates"],
-            counters["env_steps"],
-            "policy",
-            returns,
-            args.env,
-            counters["updates"] if phase == "offline" else counters["env_steps"],
-        )
+    def eval_row(phase: str) -> float:  # deterministic policy tanh(mean), D4RL normalized score, new start states
+        seed = eval_seed(args.seed, counters["evals"])
+        returns = evaluate(args.env, lambda o: act(learner, o, True), args.eval_episodes, seed)
+        counters["evals"] += 1
+        step = counters["updates"] if phase == "offline" else counters["env_steps"]
+        return logger.eval_row(phase, counters["updates"], counters["env_steps"], "policy", returns, args.env, step)
 
     def save():
         save_checkpoint(
             {
-                "format": f"off2on-{SCRIPT}/1",
+                "format": CKPT_FORMAT,
                 "args": dataclasses.asdict(args),
                 **learner_state(learner),
                 "online": torch.from_numpy(buf.rows[buf.M : buf.M + buf.n_online].copy()),
@@ -682,7 +788,7 @@ def main(args: Args) -> None:
             ckpt_path,
         )
 
-    # ---- offline phase: the update rule on the dataset alone (no online rows yet)
+    # ---- offline phase: the update rule on the dataset alone (no online rows yet); offline/<stat> against updates
     pbar = tqdm(
         total=args.offline_updates,
         initial=min(counters["updates"], args.offline_updates),
@@ -690,14 +796,16 @@ def main(args: Args) -> None:
         mininterval=5,
         disable=None,
     )
+    stat_means = StatMeans()
     try:
         while counters["updates"] < args.offline_updates:
-            stats = train_step(learner, buf, args)
+            stat_means.add(train_step(learner, buf, args))
             counters["updates"] += 1
             pbar.update()
-            if counters["updates"] % args.log_every == 0:
-                logger.scalars(stats, counters["updates"])
-            if counters["updates"] % args.eval_every == 0 or counters["updates"] == args.offline_updates:
+            last = counters["updates"] == args.offline_updates
+            if counters["updates"] % args.log_every == 0 or last:  # means over the updates since the last log
+                logger.scalars({f"offline/{k}": v for k, v in stat_means.pop().items()}, counters["updates"])
+            if counters["updates"] % args.eval_every == 0 or last:
                 pbar.set_postfix(score=f"{eval_row('offline'):.1f}")
                 save()
         pbar.close()
@@ -722,15 +830,17 @@ def main(args: Args) -> None:
                 new_rows[i] = np.concatenate([obs, a, [rew], next_obs, [float(term)]])  # truncation: not terminal
                 obs, ep_ret, ep_len = next_obs, ep_ret + float(rew), ep_len + 1
                 if term or trunc:
-                    logger.scalars({"charts/episodic_return": ep_ret, "charts/episodic_length": ep_len}, start + i + 1)
+                    logger.scalars({"online/episodic_return": ep_ret, "online/episodic_length": ep_len}, start + i + 1)
                     (obs, _), ep_ret, ep_len = env.reset(), 0.0, 0
             buf.add_online(new_rows)
             counters["env_steps"] += len(new_rows)
             pbar.update(len(new_rows))
             for _ in range(len(new_rows) * (args.first_epoch_multiplier if counters["epoch"] == 0 else 1)):
-                stats = train_step(learner, buf, args)
+                stat_means.add(train_step(learner, buf, args))
                 counters["updates"] += 1
-            logger.scalars(stats, counters["env_steps"])  # last update's scalars: one host sync per epoch
+            means = stat_means.pop()  # the epoch's means: one host sync per epoch
+            logger.scalars({f"online/{k}": v for k, v in means.items()}, counters["env_steps"])
+            logger.train_row({"env_steps": counters["env_steps"], "updates": counters["updates"], **means})
             counters["epoch"] += 1
             pbar.set_postfix(score=f"{eval_row('online'):.1f}")
             save()  # every epoch: a killed run loses at most one epoch

@@ -146,3 +146,12 @@ def test_sections_of_the_earlier_layout_are_identical(title):
     reference = section(OLD[0], title)
     for path in OLD[1:]:
         assert section(path, title) == reference, f"'{title}' section of {rel(path)} differs from {rel(OLD[0])}"
+
+
+def test_sac_update_identical():
+    """baselines/sac.py (from scratch) and baselines/sac_ft.py (fine-tuning) run the same SAC: actor, critics,
+    losses, the gradient step and the checkpoint layout are one copied section."""
+    paths = [os.path.join(ROOT, "baselines", f) for f in ("sac.py", "sac_ft.py")]
+    reference = section(paths[0], "SAC: tanh-Gaussian actor")
+    assert "def sac_update(" in reference and "def sac_losses(" in reference
+    assert section(paths[1], "SAC: tanh-Gaussian actor") == reference

@@ -1,12 +1,23 @@
-"""The data-loading section every algorithm script carries (tested through baselines/sac.py's copy;
-tests/test_common_sections.py checks the copies are identical): local Minari datasets, D4RL-layout
-hdf5 files, and one-line errors."""
+"""Dataset loading, which every algorithm script carries (tested through baselines/sac.py's copy of the earlier
+layout and the plumbing block of the two core scripts; tests/test_common_sections.py checks the other copies are
+identical): local Minari datasets, D4RL-layout hdf5 files, Minari ids that have to be downloaded, and one-line
+errors. No test reaches a real hub."""
+
+import http.server
+import importlib
+import socket
+import sys
+import threading
+import time
 
 import h5py
 import numpy as np
 import pytest
 
-from baselines import sac
+
+@pytest.fixture(params=["baselines.sac", "off2on_cql_ensemble", "off2on_finetune"])
+def script(request):
+    return importlib.import_module(request.param)
 
 
 def write_d4rl(path, n=10, next_obs=True, timeouts=(4,), terminals=(7,)):
@@ -23,20 +34,20 @@ def write_d4rl(path, n=10, next_obs=True, timeouts=(4,), terminals=(7,)):
     return obs
 
 
-def test_d4rl_hdf5_with_next_observations(tmp_path):
+def test_d4rl_hdf5_with_next_observations(script, tmp_path):
     obs = write_d4rl(tmp_path / "d.hdf5")
-    d = sac.load_dataset("hopper", str(tmp_path / "d.hdf5"))
+    d = script.load_dataset("hopper", str(tmp_path / "d.hdf5"))
     assert set(d) == {"observations", "actions", "rewards", "next_observations", "terminals"}
     assert all(v.dtype == np.float32 and len(v) == 10 for v in d.values())
     assert np.array_equal(d["next_observations"], obs + 100)  # taken from the file, no row dropped
     assert np.array_equal(d["terminals"], np.isin(np.arange(10), [7]))
 
 
-def test_d4rl_hdf5_without_next_observations_drops_timeouts(tmp_path):
+def test_d4rl_hdf5_without_next_observations_drops_timeouts(script, tmp_path):
     """s' is the next row; the row ending an episode by timeout (4) and the last row (9, no next
     row) are dropped, as D4RL's qlearning_dataset does; the terminal row (7) is kept."""
     obs = write_d4rl(tmp_path / "d.hdf5", next_obs=False)
-    d = sac.load_dataset("hopper", str(tmp_path / "d.hdf5"))
+    d = script.load_dataset("hopper", str(tmp_path / "d.hdf5"))
     keep = [0, 1, 2, 3, 5, 6, 7, 8]
     assert np.array_equal(d["rewards"], keep)
     assert np.array_equal(d["observations"], obs[keep])
@@ -44,9 +55,9 @@ def test_d4rl_hdf5_without_next_observations_drops_timeouts(tmp_path):
     assert np.array_equal(d["terminals"], np.isin(keep, [7]))
 
 
-def test_minari_dataset_to_transitions(tiny_dataset):
+def test_minari_dataset_to_transitions(script, tiny_dataset):
     tiny_dataset("hopper", "medium-replay")
-    d = sac.load_dataset("hopper", "medium-replay")
+    d = script.load_dataset("hopper", "medium-replay")
     import minari
 
     eps = list(minari.load_dataset("off2on/hopper/medium-replay-v0").iterate_episodes())
@@ -59,16 +70,95 @@ def test_minari_dataset_to_transitions(tiny_dataset):
     assert d["observations"].dtype == np.float32 and d["observations"].shape[1] == 11
 
 
-def test_missing_local_dataset_names_the_make_command():
-    with pytest.raises(sac.InputError) as e:
-        sac.load_dataset("walker2d", "medium-expert")
+def test_missing_local_dataset_names_the_make_command(script):
+    with pytest.raises(script.InputError) as e:
+        script.load_dataset("walker2d", "medium-expert")
     assert str(e.value) == (
         "no local dataset off2on/walker2d/medium-expert-v0; make it with: "
         "python make_dataset.py --env walker2d --kinds medium-expert"
     )
 
 
-def test_bad_inputs_are_one_line(tmp_path):
+@pytest.fixture
+def closed_hub(monkeypatch):
+    """Minari's remote (Farama's datasets on the Hugging Face hub) pointed at a closed local port, which
+    refuses at once, and huggingface_hub's waits between its 5 retries skipped: a refused download fails
+    in well under a second. Without huggingface_hub installed a download fails at its import."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return None
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.delenv("MINARI_REMOTE", raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+    return constants
+
+
+def test_minari_id_without_a_hub_is_one_line(script, closed_hub, capfd):
+    """No hub answers (connection refused, or HF_HUB_OFFLINE=1): one line naming the problem and the fixes,
+    and none of huggingface_hub's retry messages."""
+    pytest.importorskip("huggingface_hub")
+    for offline in (False, True):
+        closed_hub.HF_HUB_OFFLINE = offline
+        with pytest.raises(script.InputError) as e:
+            script.load_dataset("hopper", "mujoco/hopper/medium-v0")
+        message = str(e.value)
+        assert message.startswith("could not download Minari dataset mujoco/hopper/medium-v0: no answer from the hub (")
+        assert "check the network (and HF_ENDPOINT, HF_HUB_OFFLINE)" in message
+        assert ("offline mode is enabled" in message) == offline
+        assert "\n" not in message
+    assert "Retrying" not in capfd.readouterr().err
+
+
+class EmptyHub(http.server.BaseHTTPRequestHandler):
+    """A hub that answers every request with an empty list: it holds no dataset."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"[]")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_unknown_minari_id_on_a_hub_that_answers(script, closed_hub):
+    pytest.importorskip("huggingface_hub")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), EmptyHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    closed_hub.ENDPOINT = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(script.InputError) as e:
+            script.load_dataset("hopper", "nonexistent/dataset-v0")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert str(e.value) == (
+        "could not download Minari dataset nonexistent/dataset-v0: Couldn't find any version for dataset "
+        "nonexistent/dataset in the remote Farama server; `minari list remote` lists the ids"
+    )
+
+
+def test_minari_id_without_huggingface_hub_names_the_install(script, monkeypatch, closed_hub):
+    """Minari imports huggingface_hub (its hf extra) only to download; None in sys.modules makes an import fail."""
+    for name in [name for name in sys.modules if name.split(".")[0] == "huggingface_hub"] + ["huggingface_hub"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(script.InputError) as e:
+        script.load_dataset("hopper", "mujoco/hopper/medium-v0")
+    assert str(e.value) == (
+        "could not download Minari dataset mujoco/hopper/medium-v0: huggingface_hub is not installed; "
+        "install the pinned versions with: pip install -r requirements.txt"
+    )
+
+
+def test_bad_inputs_are_one_line(script, tmp_path, closed_hub):
     (tmp_path / "corrupt.hdf5").write_bytes(b"\x89HDF\r\n garbage")
     with h5py.File(tmp_path / "partial.hdf5", "w") as f:
         f["observations"] = np.zeros((3, 11))
@@ -78,9 +168,9 @@ def test_bad_inputs_are_one_line(tmp_path):
         ("hopper", str(tmp_path / "missing.hdf5"), "no such file"),
         ("hopper", str(tmp_path / "corrupt.hdf5"), "is not a D4RL-layout hdf5 file"),
         ("hopper", str(tmp_path / "partial.hdf5"), "is not a D4RL-layout hdf5 file"),
-        ("hopper", "nonexistent/dataset-v0", "could not load Minari dataset nonexistent/dataset-v0"),
+        ("hopper", "nonexistent/dataset-v0", "could not download Minari dataset nonexistent/dataset-v0"),
     ]
     for env, dataset, message in cases:
-        with pytest.raises(sac.InputError, match=message) as e:
-            sac.load_dataset(env, dataset)
+        with pytest.raises(script.InputError, match=message) as e:
+            script.load_dataset(env, dataset)
         assert "\n" not in str(e.value)

@@ -136,3 +136,59 @@ def test_run_dirs_as_input(tmp_path):
     )
     with pytest.raises(ValueError, match="no such file"):
         plot.main(plot.Args(results=(str(tmp_path / "missing.csv"),), out=str(tmp_path / "x")))
+
+
+# ----------------------------------------------------------------------------- ablation mode
+ABLATION_BASE = {
+    "balanced-N5": 40.0,
+    "uniform-N5": 30.0,
+    "online-only-N5": 20.0,
+    "balanced-N1": 10.0,
+    "balanced-N2": 25.0,
+}
+
+
+def ablation_score(config: str, seed: int, step: int) -> float:
+    """Known curves: a dip of 8 at 2k steps, then +1 per 1k steps; seeds 0, 1, 2 add 0, 3, 6 (s.e. = 3/sqrt(3))."""
+    dip = -8.0 if step == 2000 else 0.0
+    return ABLATION_BASE[config] + 3.0 * seed + dip + step / 1000
+
+
+def write_ablation_runs(root, steps=range(0, 26_000, 1_000)):
+    for config in ABLATION_BASE:
+        for seed in range(3):
+            run = root / f"{config}__seed{seed}"
+            run.mkdir(parents=True)
+            rows = ["phase,updates,env_steps,policy,return_mean,return_std,normalized_score,wall_time_s"]
+            for step in steps:
+                score = ablation_score(config, seed, step)
+                rows.append(f"online,{2 * step},{step},ensemble,{score * 10:.3f},1.0,{score:.3f},1.0")
+            (run / "evals.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_ablation_collects_runs_and_tabulates_known_means(tmp_path):
+    write_ablation_runs(tmp_path / "runs")
+    out = str(tmp_path / "out" / "ablation")
+    table = plot.main(plot.Args(ablation=str(tmp_path / "runs"), out=out))
+    df = pd.read_csv(out + ".csv")
+    assert list(df.columns) == list(plot.ABLATION_COLUMNS)
+    assert len(df) == 5 * 3 * 26 and set(df.members) == {1, 2, 5}
+    row = df[(df.config == "online-only-N5") & (df.seed == 2) & (df.env_steps == 7000)].iloc[0]
+    assert (row.replay, row.members, row.updates) == ("online-only", 5, 14000)
+    assert row.normalized_score == pytest.approx(20 + 6 + 7)
+    se = f"{3 / np.sqrt(3):.1f}"  # seeds differ by 0, 3, 6: s.e. = std / sqrt(3) = 3 / sqrt(3)
+    # balanced-N5: start 40 + 3 = 43; worst in 1..5k = the dip at 2k: 43 - 8 + 2 = 37; at 10k: 53; at 25k: 68
+    assert f"| balanced-N5 | 3 | 43.0 ± {se} | 37.0 ± {se} | 53.0 ± {se} | 68.0 ± {se} |" in table
+    assert f"| balanced-N1 | 3 | 13.0 ± {se} | 7.0 ± {se} | 23.0 ± {se} | 38.0 ± {se} |" in table
+    for name in ("replay", "ensemble"):
+        assert os.path.getsize(f"{out}_{name}.png") > 10_000
+    # the same table drawn again from the collected CSV
+    again = plot.main(plot.Args(ablation=out + ".csv", out=str(tmp_path / "again")))
+    assert again == table
+
+
+def test_ablation_rejects_badly_named_run_folders(tmp_path):
+    (tmp_path / "runs" / "balanced_seed0").mkdir(parents=True)
+    (tmp_path / "runs" / "balanced_seed0" / "evals.csv").write_text("phase\n")
+    with pytest.raises(ValueError, match="<replay>-N<members>__seed<S>"):
+        plot.main(plot.Args(ablation=str(tmp_path / "runs"), out=str(tmp_path / "x")))

@@ -23,66 +23,59 @@ TINY = dict(
     batch_size=32,
     hidden=16,
     checkpoint_every=100,
-    log_every=50,
 )
 
 
-def toy_agent(obs_dim=2, act_dim=1, hidden=32, lr=3e-3, alpha=None):
+def toy_learner(obs_dim=2, act_dim=1, hidden=32, lr=3e-3, alpha=None):
     torch.manual_seed(0)
-    ag = sac.make_agent(obs_dim, act_dim, hidden, lr, CPU)
+    learner = sac.make_learner(obs_dim, act_dim, hidden, lr, CPU)
     if alpha is not None:  # fixed temperature: the soft value equals the plain value when alpha ~ 0
         with torch.no_grad():
-            ag.log_alpha.fill_(np.log(alpha))
-        ag.alpha_opt.param_groups[0]["lr"] = 0.0
-    return ag
+            learner.log_alpha.fill_(np.log(alpha))
+        learner.log_alpha.requires_grad_(False)  # no gradient: Adam leaves it alone
+    return learner
 
 
-def one_step_batch(n, reward_fn, term, trunc):
+def one_step_batch(n, reward_fn, term):
+    """A batch (s, a, r, s', terminated) of the shape ReplayBuffer.sample returns."""
     obs, act = torch.rand(n, 2), torch.rand(n, 1) * 2 - 1
-    return {
-        "observations": obs,
-        "actions": act,
-        "rewards": reward_fn(obs, act),
-        "next_observations": torch.rand(n, 2),
-        "terminations": torch.full((n,), float(term)),
-        "truncations": torch.full((n,), float(trunc)),
-    }
+    return obs, act, reward_fn(obs, act), torch.rand(n, 2), torch.full((n,), float(term))
 
 
 def test_q_converges_to_reward_on_terminal_step():
     """One-step task ending in a termination: Q(s, a) must converge to r(s, a) = 1 + s0 - a."""
-    ag = toy_agent()
+    learner = toy_learner()
     reward = lambda o, a: 1.0 + o[:, 0] - a[:, 0]  # noqa: E731
     for _ in range(400):
-        sac.update(ag, one_step_batch(128, reward, term=1, trunc=0), gamma=0.99, tau=5e-3)
-    test = one_step_batch(512, reward, term=1, trunc=0)
+        sac.sac_update(learner, one_step_batch(128, reward, term=1), gamma=0.99, tau=5e-3)
+    s, a, r, _, _ = one_step_batch(512, reward, term=1)
     with torch.no_grad():
-        q = ag.critic(test["observations"], test["actions"])
+        q = learner.critic(s, a)
     assert q.shape == (2, 512)
-    assert (q - test["rewards"]).abs().mean() < 0.1
+    assert (q - r).abs().mean() < 0.1
 
 
 def test_truncation_bootstraps_termination_does_not():
-    """Reward 1 forever, gamma 0.5, alpha ~ 0: a truncated step's value is 1 / (1 - 0.5) = 2 (the
-    target bootstraps), a terminated step's value is 1."""
+    """Reward 1 forever, gamma 0.5, alpha ~ 0: a step that is not terminated (a truncated one: the
+    buffer's batches carry terminations only) has value 1 / (1 - 0.5) = 2, a terminated step 1."""
     values = {}
-    for name, term, trunc in (("terminated", 1, 0), ("truncated", 0, 1)):
-        ag = toy_agent(alpha=1e-12)
+    for name, term in (("terminated", 1), ("truncated", 0)):
+        learner = toy_learner(alpha=1e-12)
         for _ in range(300):
-            m = sac.update(ag, one_step_batch(128, lambda o, a: torch.ones(len(o)), term, trunc), gamma=0.5, tau=1.0)
-        values[name] = float(m["losses/q"])
+            m = sac.sac_update(learner, one_step_batch(128, lambda o, a: torch.ones(len(o)), term), gamma=0.5, tau=1.0)
+        values[name] = float(m["q_mean"])
     assert values["terminated"] == pytest.approx(1.0, abs=0.1)
     assert values["truncated"] == pytest.approx(2.0, abs=0.15)
 
 
 def test_actor_finds_the_best_action():
     """One-step task, r = -4 (a - 0.5)^2: the deterministic action must move to ~0.5."""
-    ag = toy_agent(lr=3e-3)
+    learner = toy_learner(lr=3e-3)
     reward = lambda o, a: -4 * (a[:, 0] - 0.5) ** 2  # noqa: E731
     for _ in range(600):
-        sac.update(ag, one_step_batch(128, reward, term=1, trunc=0), gamma=0.99, tau=5e-3)
+        sac.sac_update(learner, one_step_batch(128, reward, term=1), gamma=0.99, tau=5e-3)
     with torch.no_grad():
-        a = ag.actor.act(torch.rand(64, 2), deterministic=True)
+        a = learner.actor.act(torch.rand(64, 2), deterministic=True)
     assert (a - 0.5).abs().max() < 0.15
 
 
@@ -110,9 +103,10 @@ def test_replay_buffer_roundtrip_and_sample():
             truncations=float(i == 5),
         )
     assert buf.size == 10 and buf.ptr == 2
-    b = buf.sample(64, CPU)
-    assert b["observations"].shape == (64, 3) and b["rewards"].shape == (64,)
-    assert torch.equal(b["next_observations"][:, 0], b["observations"][:, 0] + 1)
+    s, a, r, s2, d = buf.sample(64, CPU)
+    assert s.shape == (64, 3) and a.shape == (64, 2) and r.shape == d.shape == (64,)
+    assert torch.equal(s2[:, 0], s[:, 0] + 1) and torch.equal(a[:, 0], r)
+    assert (d == 0).all()  # the truncation of step 5 is not a termination
     other = sac.ReplayBuffer(10, 3, 2)
     other.load_state_dict(buf.state_dict())
     assert all(np.array_equal(other.data[k], buf.data[k]) for k in buf.data) and other.ptr == 2
@@ -132,7 +126,9 @@ def test_time_limit_is_a_truncation(tmp_path):
         online_steps=1100,
         run_dir=str(tmp_path / "run"),
     )
-    p = next(sac.train(args))
+    progress = list(sac.train(args))
+    assert [p.env_steps for p in progress] == [0, 1100]  # the untrained policy, then the end
+    p = progress[-1]
     tr, te = p.buffer.data["truncations"][:1100], p.buffer.data["terminations"][:1100]
     assert te.sum() == 0 and tr.sum() == 1 and tr[999] == 1
     assert p.updates == 0  # all 1100 steps were warm-up
@@ -151,7 +147,43 @@ def test_train_smoke_and_exact_resume(tmp_path):
     assert torch.equal(a["buffer"]["observations"], b["buffer"]["observations"])
     rows = [open(tmp_path / r / "evals.csv").read().splitlines() for r in "ab"]
     assert [r.split(",")[:5] for r in rows[0]] == [r.split(",")[:5] for r in rows[1]]
-    assert rows[0][0] == ",".join(sac.EVAL_COLUMNS) and len(rows[0]) == 3  # evals at 200 and 400
+    assert rows[0][0] == ",".join(sac.EVAL_COLUMNS) and len(rows[0]) == 4  # evals at 0, 200 and 400
+    assert (tmp_path / "a" / "train.csv").read_text() == (tmp_path / "b" / "train.csv").read_text()
+
+
+def test_evaluation_protocol_defaults():
+    """The protocol of every off2on script: 5 episodes every 1,000 env steps (and at 0)."""
+    assert (sac.Args().eval_every, sac.Args().eval_episodes, sac.Args().epoch_steps) == (1_000, 5, 1_000)
+
+
+def test_evaluations_start_from_new_states_and_resume_keeps_the_sequence(tmp_path, monkeypatch):
+    """The k-th evaluation resets with eval_seed(seed, k); a run killed after an evaluation that its last
+    checkpoint did not see redoes that evaluation with the same seed, and goes on as the straight run."""
+    seeds, real_evaluate = [], sac.evaluate
+
+    def recording_evaluate(env_name, act_fn, episodes, seed):
+        seeds.append(seed)
+        if len(seeds) == kill_at:
+            raise KeyboardInterrupt
+        return real_evaluate(env_name, act_fn, episodes, seed)
+
+    monkeypatch.setattr(sac, "evaluate", recording_evaluate)
+    tiny = {**TINY, "eval_every": 100, "checkpoint_every": 200, "eval_episodes": 1}
+    kill_at = 0
+    sac.main(sac.Args(**tiny, online_steps=400, run_dir=str(tmp_path / "a")))
+    straight = list(seeds)
+    assert straight == [sac.eval_seed(0, k) for k in range(5)]  # at 0, 100, 200, 300, 400 env steps
+    assert len(set(straight)) == 5
+    seeds.clear()
+    kill_at = 4  # dies in the evaluation at 300 env steps; the last checkpoint is at 200 (3 evaluations)
+    with pytest.raises(KeyboardInterrupt):
+        sac.main(sac.Args(**tiny, online_steps=400, run_dir=str(tmp_path / "b")))
+    seeds.clear()
+    kill_at = 0
+    sac.main(sac.Args(**tiny, online_steps=400, run_dir=str(tmp_path / "b"), resume=True))
+    assert seeds == straight[3:]
+    rows = [open(tmp_path / r / "evals.csv").read().splitlines() for r in "ab"]
+    assert [r.split(",")[:7] for r in rows[0]] == [r.split(",")[:7] for r in rows[1]]
 
 
 def test_resume_errors_are_one_line(tmp_path):
@@ -163,6 +195,10 @@ def test_resume_errors_are_one_line(tmp_path):
     (tmp_path / "bad" / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(sac.InputError, match="not a readable checkpoint"):
         sac.main(sac.Args(**TINY, online_steps=100, resume=True, run_dir=str(tmp_path / "bad")))
+    (tmp_path / "old").mkdir()  # a run of the previous checkpoint layout
+    torch.save({"format": "off2on-sac/1"}, tmp_path / "old" / "checkpoint.pt")
+    with pytest.raises(sac.InputError, match="older versions cannot be resumed"):
+        sac.main(sac.Args(**TINY, online_steps=100, resume=True, run_dir=str(tmp_path / "old")))
 
 
 def test_cli_unknown_env_is_one_line_exit_2():
