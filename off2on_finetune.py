@@ -29,7 +29,7 @@ Run: python off2on_finetune.py --env hopper --dataset medium-replay   (resume: -
 ablations: --replay balanced|uniform|online-only, --members K)
 Reads --checkpoint (default checkpoints/<env>__<dataset>__cql_ensemble__seed<seed>.pt), the ensemble file of
 off2on_cql_ensemble.py ("off2on-cql-ensemble/1", documented there). Writes to the run directory args.json,
-evals.csv, train.csv, tensorboard events and checkpoint.pt ("off2on-finetune/1", atomic, every epoch: networks,
+evals.csv, train.csv, tensorboard events and checkpoint.pt ("off2on-finetune/2", atomic, every epoch: networks,
 optimizers, online rows [s, a, r, s', terminal], sum-tree leaves, counters, env and RNG states).
 """
 
@@ -45,16 +45,19 @@ from dataclasses import dataclass
 from typing import Literal
 
 import gymnasium as gym
+import h5py
+import minari
 import mujoco
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 SCRIPT = "off2on_finetune"
-FORMAT = "off2on-finetune/1"
+FORMAT = "off2on-finetune/2"
 
 
 @dataclass
@@ -400,9 +403,7 @@ def explore(env: gym.Env, episode: dict, actor: EnsembleActor, steps: int, logge
 
 def main(args: Args) -> None:
     args, ckpt = check_args(args)  # with --resume: the run's own Args and its checkpoint
-    device = pick_device(args.device)
-    run_dir = args.run_dir or default_run_dir(args, SCRIPT)
-    seed_everything(args.seed)
+    device, run_dir = set_up(args, SCRIPT)  # seeds python, numpy and torch
     data = load_dataset(args.env, args.dataset)
     learner = Learner(*load_offline_ensemble(args, data, device), args.lr)  # the pessimistic Q-ensemble
     replay = Replay(data, args.online_steps, device, args.init_online_fraction)  # offline rows at priority 1
@@ -531,8 +532,8 @@ def checkpoint_dict(args: Args, learner: Learner, replay: Replay, env: gym.Env, 
         "priorities": torch.from_numpy(leaves.copy()),
         "max_priority": replay.max_priority,
         **counters,
-        "rng": rng_state(),
-        "env_state": {**get_env_state(env), **episode, "obs": torch.from_numpy(np.array(episode["obs"]))},
+        "rng": rng_state(env),
+        "episode": {**episode, "obs": torch.from_numpy(np.array(episode["obs"]))},
     }
 
 
@@ -546,30 +547,43 @@ def restore_checkpoint(ckpt: dict, learner: Learner, replay: Replay, env, episod
     replay.rows[replay.n_offline : replay.n_offline + replay.n_online] = ckpt["online"].to(replay.device)
     replay.tree.update(np.arange(len(ckpt["priorities"])), ckpt["priorities"].numpy())
     counters.update({k: ckpt[k] for k in counters})
-    set_env_state(env, ckpt["env_state"])
-    episode.update({k: ckpt["env_state"][k] for k in episode}, obs=ckpt["env_state"]["obs"].numpy())
-    set_rng_state(ckpt["rng"])
-    for name in ("evals.csv", "train.csv"):
-        trim_rows(os.path.join(run_dir, name), "env_steps", counters["env_steps"])
+    episode.update(ckpt["episode"], obs=ckpt["episode"]["obs"].numpy())
+    set_rng_state(ckpt["rng"], env)
+    trim_rows(os.path.join(run_dir, "evals.csv"), counters["evals"])  # the rows after the checkpoint are redone
+    trim_rows(os.path.join(run_dir, "train.csv"), counters["epoch"])
     print(f"resumed at {counters['env_steps']} env steps")
+
+
+def trim_rows(path: str, rows: int) -> None:
+    """--resume: keep the header and the first `rows` rows of a csv file, those written before the checkpoint."""
+    if os.path.exists(path):
+        lines = open(path).readlines()
+        with open(path, "w") as f:
+            f.writelines(lines[: rows + 1])
 
 
 # =====================================================================================
 # Plumbing: datasets, run directory, logging, checkpoints, RNG and env state, evaluation, errors.
-# The same in every algorithm script: tests/test_common_sections.py checks that a definition has one source
-# wherever it appears (a script leaves out what it does not use). None of it is the algorithm: a first read
-# can stop here.
+# The same in every algorithm script (tests/test_common_sections.py: one source per shared definition; a script
+# leaves out what it does not use). None of it is the algorithm: a first read can stop here.
 # =====================================================================================
 ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
 # D4RL reference returns (random, expert) of the normalized score (Fu et al. 2020)
 REF_RETURNS = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3)}
 KINDS = ("random", "medium", "medium-replay", "expert", "medium-expert", "policy-rollouts")
+INTEGRATION = mujoco.mjtState.mjSTATE_INTEGRATION  # MuJoCo's full state for an exact --resume
 EVAL_COLUMNS = "phase,updates,env_steps,policy,return_mean,return_std,normalized_score,wall_time_s".split(",")
 
 
-def mujoco_warning(message: str) -> None:
-    """MuJoCo's warning callback: every warning to stderr but the deprecation of settotalmass, which gymnasium's
-    half_cheetah.xml sets (MuJoCo >= 3.16 warns at every HalfCheetah env; the masses are scaled as before)."""
+class InputError(Exception):
+    """Bad user input: the command line prints it as one line `error: ...` and exits with code 2."""
+
+
+def first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def mujoco_warning(message: str) -> None:  # all to stderr but the settotalmass deprecation (gymnasium's half_cheetah)
     if not message.startswith("compiler attribute 'settotalmass' is deprecated"):
         print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
@@ -577,28 +591,14 @@ def mujoco_warning(message: str) -> None:
 mujoco.set_mju_user_warning(mujoco_warning)  # one global callback, in place of MuJoCo's default printing
 
 
-class InputError(Exception):
-    """Bad user input: `run_main` prints it as one line `error: ...` and exits with code 2."""
-
-
-def run_main(main_fn) -> None:
-    try:
-        main_fn(tyro.cli(Args))
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def env_dims(env: str) -> tuple:
-    """(observation size, action size) of --env."""
+def env_dims(env: str) -> tuple:  # -> (observation size, action size)
     if env not in ENVS:
         raise InputError(f"unknown env {env!r}; choose one of: {', '.join(ENVS)}")
     with gym.make(ENVS[env]) as e:
         return e.observation_space.shape[0], e.action_space.shape[0]
 
 
-def normalized_score(env: str, ret):
-    """D4RL normalized score: 100 (R - R_random) / (R_expert - R_random)."""
+def normalized_score(env: str, ret):  # D4RL's: 100 (R - R_random) / (R_expert - R_random)
     lo, hi = REF_RETURNS[env]
     return 100.0 * (np.asarray(ret, dtype=np.float64) - lo) / (hi - lo)
 
@@ -609,13 +609,10 @@ def dataset_slug(dataset: str) -> str:
 
 def load_dataset(env: str, dataset: str) -> dict:
     """Offline transitions as float32 arrays: observations, actions, rewards, next_observations, terminals (1 only at
-    true terminations). From a kind (the local Minari dataset off2on/<env>/<kind>-v0 of make_dataset.py), a Minari
-    id, or a D4RL-layout .hdf5 file (there, without next_observations, s' is the next row and rows ending an episode
-    by timeout are dropped, as D4RL's qlearning_dataset does)."""
+    true terminations), from a kind (the local Minari dataset off2on/<env>/<kind>-v0), a Minari id (downloaded if not
+    local) or a D4RL-layout .hdf5 file (without next_observations: s' is the next row; timeouts are dropped)."""
     dims = env_dims(env)
     if dataset.endswith(".hdf5"):
-        import h5py
-
         if not os.path.exists(dataset):
             raise InputError(f"no such file: {dataset}")
         try:
@@ -624,159 +621,115 @@ def load_dataset(env: str, dataset: str) -> dict:
                 timeouts = f["timeouts"][()] if "timeouts" in f else np.zeros_like(data["terminals"])
                 next_obs = f["next_observations"][()] if "next_observations" in f else None
         except (OSError, KeyError) as e:
-            raise InputError(f"{dataset} is not a D4RL-layout hdf5 file ({str(e).splitlines()[0]})") from e
+            raise InputError(f"{dataset} is not a D4RL-layout hdf5 file ({first_line(e)})") from e
         keep = np.arange(len(data["rewards"]))
-        if next_obs is None:
+        if next_obs is None:  # as D4RL's qlearning_dataset: a row ending an episode by timeout has no s'
             keep = np.flatnonzero(~timeouts[: len(keep) - 1].astype(bool))
             next_obs = data["observations"][keep + 1]
         data = {**{k: v[keep] for k, v in data.items()}, "next_observations": next_obs}
     else:
-        import minari
-
         ds_id = f"off2on/{env}/{dataset}-v0" if dataset in KINDS else dataset
         if dataset in KINDS and ds_id not in minari.list_local_datasets():
-            raise InputError(
-                f"no local dataset {ds_id}; make it with: python make_dataset.py --env {env} --kinds {dataset}"
-            )
+            make = f"python make_dataset.py --env {env} --kinds {dataset}"
+            raise InputError(f"no local dataset {ds_id}; make it with: {make}")
         if "/" not in ds_id:
-            raise InputError(
-                f"unknown dataset {dataset!r}; use one of {', '.join(KINDS)}, a Minari id, or a .hdf5 path"
-            )
+            raise InputError(f"unknown dataset {dataset!r}; use one of {', '.join(KINDS)}, a Minari id or a .hdf5 path")
         if ds_id not in minari.list_local_datasets():
             download_minari(ds_id)
         try:
             episodes = list(minari.load_dataset(ds_id).iterate_episodes())
-        except Exception as e:  # corrupt or incompatible files: one line, not a traceback
+            data = {  # an episode has T + 1 observations and T actions; no episode: np.concatenate fails
+                "observations": np.concatenate([ep.observations[:-1] for ep in episodes]),
+                "next_observations": np.concatenate([ep.observations[1:] for ep in episodes]),
+                "actions": np.concatenate([ep.actions for ep in episodes]),
+                "rewards": np.concatenate([ep.rewards for ep in episodes]),
+                "terminals": np.concatenate([ep.terminations for ep in episodes]),
+            }
+        except Exception as e:  # corrupt, incompatible or empty: one line, not a traceback
             raise InputError(f"could not load Minari dataset {ds_id}: {first_line(e)}") from e
-        if not episodes:
-            raise InputError("dataset has no episodes")
-        data = {  # an episode has T + 1 observations and T actions
-            "observations": np.concatenate([ep.observations[:-1] for ep in episodes]),
-            "next_observations": np.concatenate([ep.observations[1:] for ep in episodes]),
-            "actions": np.concatenate([ep.actions for ep in episodes]),
-            "rewards": np.concatenate([ep.rewards for ep in episodes]),
-            "terminals": np.concatenate([ep.terminations for ep in episodes]),
-        }
     data = {k: np.asarray(v, dtype=np.float32) for k, v in data.items()}
-    data["rewards"] = data["rewards"].reshape(-1)  # a D4RL file may hold them as [n, 1]
-    data["terminals"] = data["terminals"].reshape(-1)
+    data.update(rewards=data["rewards"].reshape(-1), terminals=data["terminals"].reshape(-1))  # D4RL's may be [n, 1]
     if (data["observations"].shape[1], data["actions"].shape[1]) != dims:
         got = f"{data['observations'].shape[1]}/{data['actions'].shape[1]}"
         raise InputError(f"dataset {dataset!r} has obs/action dims {got} but {ENVS[env]} has {dims[0]}/{dims[1]}")
     return data
 
 
-def download_minari(ds_id: str) -> None:
-    """A Minari id from Minari's remote (Farama's datasets on the Hugging Face hub) into the local Minari folder."""
-    import minari
-
+def download_minari(ds_id: str) -> None:  # from Minari's remote: Farama's datasets on the Hugging Face hub
+    failed = f"could not download Minari dataset {ds_id}"
     try:  # minari's hf extra, imported only to download
         from huggingface_hub.utils import logging as hub_logging
     except ImportError as e:
-        raise InputError(
-            f"could not download Minari dataset {ds_id}: huggingface_hub is not installed; "
-            "install the pinned versions with: pip install -r requirements.txt"
-        ) from e
+        fix = "install the pinned versions with: pip install -r requirements.txt"
+        raise InputError(f"{failed}: huggingface_hub is not installed; {fix}") from e
     print(f"{ds_id} is not in the local Minari folder: downloading it", flush=True)
-    verbosity = hub_logging.get_verbosity()
-    hub_logging.set_verbosity_error()  # not huggingface_hub's message at each of its 5 retries: one line below
+    hub_logging.set_verbosity_error()  # no message at each of its 5 retries: one error line says it
     try:
         minari.download_dataset(ds_id)
-    except Exception as e:  # no answer: a ConnectionError (also under HF_HUB_OFFLINE=1) or an httpx error
-        if isinstance(e, ConnectionError | TimeoutError) or type(e).__module__.startswith("httpx"):
+    except Exception as e:
+        if isinstance(e, ConnectionError | TimeoutError) or type(e).__module__.startswith("httpx"):  # no answer
             fix = "check the network (and HF_ENDPOINT, HF_HUB_OFFLINE), or use a kind or a D4RL .hdf5 file"
-            raise InputError(
-                f"could not download Minari dataset {ds_id}: no answer from the hub ({first_line(e)}); {fix}"
-            ) from e
-        reason = first_line(e).rstrip(".")
-        raise InputError(
-            f"could not download Minari dataset {ds_id}: {reason}; `minari list remote` lists the ids"
-        ) from e
-    finally:
-        hub_logging.set_verbosity(verbosity)
+            raise InputError(f"{failed}: no answer from the hub ({first_line(e)}); {fix}") from e
+        raise InputError(f"{failed}: {first_line(e).rstrip('.')}; `minari list remote` lists the ids") from e
 
 
-def first_line(e: Exception) -> str:
-    """The first line of an exception's message (its type name if the message is empty)."""
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
+def set_up(args, script: str) -> tuple:
+    """Seeds python, numpy and torch. -> (the torch device, the run directory: --run-dir or a new one in runs/)."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        raise InputError(f"--device {args.device}: use auto, cpu, or cuda where a CUDA GPU is visible")
+    name = f"{args.env}__{dataset_slug(args.dataset)}__{script}__seed{args.seed}__{int(time.time())}"
+    return torch.device(device), args.run_dir or os.path.join("runs", name)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name not in ("cpu", "cuda"):
-        raise InputError(f"unknown device {name!r}; use auto, cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda but no CUDA GPU is visible; use --device cpu or auto")
-    return torch.device(name)
+def rng_state(env: gym.Env | None = None) -> dict:
+    """The python, numpy, torch and cuda RNG states; given an env, also all else that decides its future: MuJoCo's
+    integration state, the steps into the episode (gym.make's outermost wrapper is the TimeLimit), the env's RNG."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()  # the key as a tensor: weights_only refuses numpy
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    state["numpy"] = (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss)
+    state["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    if env is not None:
+        sim = env.unwrapped
+        state["mujoco"] = torch.empty(mujoco.mj_stateSize(sim.model, INTEGRATION), dtype=torch.float64)
+        mujoco.mj_getState(sim.model, sim.data, state["mujoco"].numpy(), INTEGRATION)  # fills the tensor
+        state.update(elapsed_steps=env._elapsed_steps, env_rng=sim.np_random.bit_generator.state)
+    return state
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:  # numpy's key as a tensor: torch.load(weights_only=True) refuses numpy arrays
-    kind, key, pos, has_gauss, gauss = np.random.get_state()
-    numpy_state = (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss)
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(), "cuda": cuda}
-
-
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, env: gym.Env | None = None) -> None:
     random.setstate(state["python"])
     kind, key, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def get_env_state(env: gym.Env) -> dict:
-    """All that decides the env's future, for an exact --resume: MuJoCo's full integration state, the steps into
-    the episode (gym.make's outermost wrapper is the TimeLimit) and the env's RNG."""
-    sim = env.unwrapped
-    mj = np.empty(mujoco.mj_stateSize(sim.model, mujoco.mjtState.mjSTATE_INTEGRATION))
-    mujoco.mj_getState(sim.model, sim.data, mj, mujoco.mjtState.mjSTATE_INTEGRATION)
-    return {
-        "mujoco": torch.from_numpy(mj),
-        "elapsed_steps": env._elapsed_steps,
-        "np_random": sim.np_random.bit_generator.state,
-    }
-
-
-def set_env_state(env: gym.Env, state: dict) -> None:
-    sim = env.unwrapped
-    mujoco.mj_setState(sim.model, sim.data, state["mujoco"].numpy(), mujoco.mjtState.mjSTATE_INTEGRATION)
-    mujoco.mj_forward(sim.model, sim.data)
-    env._elapsed_steps = state["elapsed_steps"]
-    sim.np_random.bit_generator.state = state["np_random"]
+    if env is not None:
+        sim = env.unwrapped
+        mujoco.mj_setState(sim.model, sim.data, state["mujoco"].numpy(), INTEGRATION)
+        mujoco.mj_forward(sim.model, sim.data)
+        env._elapsed_steps = state["elapsed_steps"]
+        sim.np_random.bit_generator.state = state["env_rng"]
 
 
 class Logger:
-    """The run directory: args.json; evals.csv, a row per evaluation; train.csv, where a script writes one;
-    tensorboard events; a wandb run with --track."""
+    """The run directory's args.json, evals.csv, train.csv, tensorboard events and (--track) wandb run."""
 
     def __init__(self, args, run_dir: str, script: str):
-        from torch.utils.tensorboard import SummaryWriter
-
-        os.makedirs(run_dir, exist_ok=True)
+        config = dataclasses.asdict(args)
+        self.writer = SummaryWriter(run_dir)  # makes the run directory
         with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=2)
-        if not os.path.exists(os.path.join(run_dir, "evals.csv")):  # the header, even if no evaluation follows
-            with open(os.path.join(run_dir, "evals.csv"), "w") as f:
-                f.write(",".join(EVAL_COLUMNS) + "\n")
+            json.dump(config, f, indent=2)
         self.run_dir = run_dir
-        self.writer = SummaryWriter(run_dir)
         self.wandb = None
         if args.track:
             import wandb
 
             name = os.path.basename(run_dir)
-            config = dataclasses.asdict(args)
-            run_id = f"{script}-{name}"[-128:]  # the same run id again on --resume
+            run_id = f"{script}-{name}"[-128:]
             self.wandb = wandb.init(
                 project=args.wandb_project, config=config, name=name, dir=run_dir, resume="allow", id=run_id
             )
@@ -797,14 +750,11 @@ class Logger:
             f.write(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row.values()) + "\n")
 
     def eval_row(self, phase: str, updates: int, env_steps: int, policy: str, returns, env: str, step: int) -> float:
-        """One evaluation -> a row of evals.csv and tensorboard scalars; returns its normalized score."""
-        returns = np.asarray(returns, dtype=np.float64)
-        score = float(normalized_score(env, returns.mean()))
-        stats = (f"{returns.mean():.3f}", f"{returns.std():.3f}", f"{score:.3f}", f"{time.time() - self.start:.1f}")
+        score = float(normalized_score(env, np.mean(returns)))
+        stats = (f"{np.mean(returns):.3f}", f"{np.std(returns):.3f}", f"{score:.3f}", f"{time.time() - self.start:.1f}")
         self.csv_row("evals.csv", dict(zip(EVAL_COLUMNS, (phase, updates, env_steps, policy, *stats))))
-        self.scalars(
-            {f"{phase}/eval_{policy}/return": returns.mean(), f"{phase}/eval_{policy}/normalized_score": score}, step
-        )
+        tag = f"{phase}/eval_{policy}"
+        self.scalars({f"{tag}/return": np.mean(returns), f"{tag}/normalized_score": score}, step)
         return score
 
     def close(self) -> None:
@@ -813,14 +763,7 @@ class Logger:
             self.wandb.finish()
 
 
-def default_run_dir(args, script: str) -> str:
-    return os.path.join(
-        "runs", f"{args.env}__{dataset_slug(args.dataset)}__{script}__seed{args.seed}__{int(time.time())}"
-    )
-
-
-def save_checkpoint(obj: dict, path: str) -> None:
-    """Atomic: write a temp file beside `path`, then rename it over `path`."""
+def save_checkpoint(obj: dict, path: str) -> None:  # atomic: a temp file beside `path`, renamed over it
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save(obj, f"{path}.tmp{os.getpid()}")
     os.replace(f"{path}.tmp{os.getpid()}", path)
@@ -832,39 +775,25 @@ def load_checkpoint(path: str, make_cmd: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise InputError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:200]})") from e
+        raise InputError(f"{path} is not a readable checkpoint ({first_line(e)[:200]})") from e
 
 
 def resume_run(args, fmt: str, keep: tuple) -> tuple:
-    """--resume: (the run's own Args, with the fields `keep` from the command line; its checkpoint.pt)."""
+    """--resume: (the run's own Args, but the fields `keep` from the command line; its checkpoint.pt)."""
     path = os.path.join(args.run_dir, "checkpoint.pt")
     if not args.run_dir or not os.path.exists(path):
         raise InputError(f"--resume needs --run-dir <a run dir holding checkpoint.pt> (got {args.run_dir!r})")
     ckpt = load_checkpoint(path, "")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
-        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise InputError(f"{path} is not an {fmt} checkpoint (format {got!r}); pass the run dir of such a run")
-    if not isinstance(ckpt.get("args"), dict) or "rng" not in ckpt:
-        raise InputError(f"{path} holds no training state (no args or RNG states); it cannot be resumed")
-    fields = {f.name for f in dataclasses.fields(args)}
-    saved = type(args)(**{k: v for k, v in ckpt["args"].items() if k in fields})
-    return dataclasses.replace(saved, **{k: getattr(args, k) for k in keep}), ckpt
-
-
-def trim_rows(csv_path: str, column: str, last: int) -> None:
-    """On resume, drop the rows of a csv file written after the checkpoint (column > last): they are redone."""
-    if os.path.exists(csv_path):
-        lines = open(csv_path).read().splitlines()
-        col = lines[0].split(",").index(column) if lines else 0
-        with open(csv_path, "w") as f:
-            f.write("\n".join(lines[:1] + [ln for ln in lines[1:] if int(ln.split(",")[col]) <= last]) + "\n")
+    got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+    if got != fmt or not isinstance(ckpt.get("args"), dict) or "rng" not in ckpt:
+        raise InputError(f"{path} is not an {fmt} checkpoint of a run (format {got!r}); it cannot be resumed")
+    saved = {k: v for k, v in ckpt["args"].items() if hasattr(args, k) and k not in keep}
+    return dataclasses.replace(args, **saved), ckpt
 
 
 def evaluate(env: str, act_fn, episodes: int, seed: int) -> np.ndarray:
     """Returns of `episodes` episodes side by side; act_fn maps observations [n, obs] -> actions [n, act]."""
-    envs = gym.vector.SyncVectorEnv(
-        [lambda: gym.make(ENVS[env])] * episodes, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
-    )
+    envs = gym.make_vec(ENVS[env], episodes, vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP})
     obs, _ = envs.reset(seed=seed)
     returns = np.zeros(episodes)
     done = np.zeros(episodes, dtype=bool)
@@ -876,10 +805,13 @@ def evaluate(env: str, act_fn, episodes: int, seed: int) -> np.ndarray:
     return returns
 
 
-def eval_seed(seed: int, k: int) -> int:
-    """Reset seed of the k-th evaluation of a run (k = 0, 1, ...): every evaluation starts from new states."""
+def eval_seed(seed: int, k: int) -> int:  # reset seed of the k-th evaluation of a run: new start states each time
     return seed + 10_000 + 1_000 * k
 
 
 if __name__ == "__main__":
-    run_main(main)
+    try:
+        main(tyro.cli(Args))
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
