@@ -693,7 +693,7 @@ class Logger:
             import wandb
 
             name = os.path.basename(run_dir)
-            run_id = f"{script}-{name}"[-128:]
+            run_id = f"{script}-{name}"[-128:]  # the same wandb run again on --resume
             self.wandb = wandb.init(
                 project=args.wandb_project, config=config, name=name, dir=run_dir, resume="allow", id=run_id
             )
