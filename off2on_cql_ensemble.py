@@ -46,6 +46,7 @@ import ctypes
 import dataclasses
 import glob
 import json
+import logging
 import math
 import os
 import random
@@ -528,19 +529,17 @@ def keep_freed_memory() -> None:
 
 # =====================================================================================
 # Plumbing: datasets, run directory, logging, checkpoints, RNG and env state, evaluation, errors.
-# The same in every algorithm script (tests/test_common_sections.py: one source per shared definition; a script
-# leaves out what it does not use). None of it is the algorithm: a first read can stop here.
+# Identical in every algorithm script (tests/test_common_sections.py); not the algorithm: a first read can stop here.
 # =====================================================================================
 ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
-# D4RL reference returns (random, expert) of the normalized score (Fu et al. 2020)
 REF_RETURNS = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3)}
 KINDS = ("random", "medium", "medium-replay", "expert", "medium-expert", "policy-rollouts")
 INTEGRATION = mujoco.mjtState.mjSTATE_INTEGRATION  # MuJoCo's full state for an exact --resume
 EVAL_COLUMNS = "phase,updates,env_steps,policy,return_mean,return_std,normalized_score,wall_time_s".split(",")
+HUB_FIX = "check the network or HF_ENDPOINT/HF_HUB_OFFLINE, or use a kind made by make_dataset.py or a .hdf5 file"
 
 
-class InputError(Exception):
-    """Bad user input: the command line prints it as one line `error: ...` and exits with code 2."""
+class InputError(Exception): ...  # bad user input: the command line prints one line `error: ...`, exit code 2
 
 
 def first_line(e: Exception) -> str:
@@ -562,7 +561,7 @@ def env_dims(env: str) -> tuple:  # -> (observation size, action size)
         return e.observation_space.shape[0], e.action_space.shape[0]
 
 
-def normalized_score(env: str, ret):  # D4RL's: 100 (R - R_random) / (R_expert - R_random)
+def normalized_score(env: str, ret):  # D4RL's (Fu et al. 2020): 100 (R - R_random) / (R_expert - R_random)
     lo, hi = REF_RETURNS[env]
     return 100.0 * (np.asarray(ret, dtype=np.float64) - lo) / (hi - lo)
 
@@ -572,9 +571,7 @@ def dataset_slug(dataset: str) -> str:
 
 
 def load_dataset(env: str, dataset: str) -> dict:
-    """Offline transitions as float32 arrays: observations, actions, rewards, next_observations, terminals (1 only at
-    true terminations), from a kind (the local Minari dataset off2on/<env>/<kind>-v0), a Minari id (downloaded if not
-    local) or a D4RL-layout .hdf5 file (without next_observations: s' is the next row; timeouts are dropped)."""
+    """Transitions (float32; terminal: 1 at true ends) of a kind, a Minari id (downloaded if not local) or a .hdf5."""
     dims = env_dims(env)
     if dataset.endswith(".hdf5"):
         if not os.path.exists(dataset):
@@ -582,15 +579,13 @@ def load_dataset(env: str, dataset: str) -> dict:
         try:
             with h5py.File(dataset, "r") as f:
                 data = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals")}
-                timeouts = f["timeouts"][()] if "timeouts" in f else np.zeros_like(data["terminals"])
-                next_obs = f["next_observations"][()] if "next_observations" in f else None
+                if "next_observations" in f:
+                    data["next_observations"] = f["next_observations"][()]
+                else:  # as D4RL's qlearning_dataset: s' is the next row; a row ending by timeout has none
+                    keep = np.flatnonzero(~f.get("timeouts", np.zeros(len(data["rewards"])))[:-1].astype(bool))
+                    data = {k: v[keep] for k, v in data.items()} | {"next_observations": data["observations"][keep + 1]}
         except (OSError, KeyError) as e:
             raise InputError(f"{dataset} is not a D4RL-layout hdf5 file ({first_line(e)})") from e
-        keep = np.arange(len(data["rewards"]))
-        if next_obs is None:  # as D4RL's qlearning_dataset: a row ending an episode by timeout has no s'
-            keep = np.flatnonzero(~timeouts[: len(keep) - 1].astype(bool))
-            next_obs = data["observations"][keep + 1]
-        data = {**{k: v[keep] for k, v in data.items()}, "next_observations": next_obs}
     else:
         ds_id = f"off2on/{env}/{dataset}-v0" if dataset in KINDS else dataset
         if dataset in KINDS and ds_id not in minari.list_local_datasets():
@@ -598,10 +593,9 @@ def load_dataset(env: str, dataset: str) -> dict:
             raise InputError(f"no local dataset {ds_id}; make it with: {make}")
         if "/" not in ds_id:
             raise InputError(f"unknown dataset {dataset!r}; use one of {', '.join(KINDS)}, a Minari id or a .hdf5 path")
-        if ds_id not in minari.list_local_datasets():
-            download_minari(ds_id)
+        logging.getLogger("huggingface_hub.utils._http").setLevel(logging.ERROR)  # a download: no line per retry
         try:
-            episodes = list(minari.load_dataset(ds_id).iterate_episodes())
+            episodes = list(minari.load_dataset(ds_id, download=True).iterate_episodes())
             data = {  # an episode has T + 1 observations and T actions; no episode: np.concatenate fails
                 "observations": np.concatenate([ep.observations[:-1] for ep in episodes]),
                 "next_observations": np.concatenate([ep.observations[1:] for ep in episodes]),
@@ -609,8 +603,8 @@ def load_dataset(env: str, dataset: str) -> dict:
                 "rewards": np.concatenate([ep.rewards for ep in episodes]),
                 "terminals": np.concatenate([ep.terminations for ep in episodes]),
             }
-        except Exception as e:  # corrupt, incompatible or empty: one line, not a traceback
-            raise InputError(f"could not load Minari dataset {ds_id}: {first_line(e)}") from e
+        except Exception as e:  # no hub, an unknown id, a corrupt or empty dataset: one line, not a traceback
+            raise InputError(f"could not load Minari dataset {ds_id}: {first_line(e).rstrip('.')}; {HUB_FIX}") from e
     data = {k: np.asarray(v, dtype=np.float32) for k, v in data.items()}
     data.update(rewards=data["rewards"].reshape(-1), terminals=data["terminals"].reshape(-1))  # D4RL's may be [n, 1]
     if (data["observations"].shape[1], data["actions"].shape[1]) != dims:
@@ -619,29 +613,9 @@ def load_dataset(env: str, dataset: str) -> dict:
     return data
 
 
-def download_minari(ds_id: str) -> None:  # from Minari's remote: Farama's datasets on the Hugging Face hub
-    failed = f"could not download Minari dataset {ds_id}"
-    try:  # minari's hf extra, imported only to download
-        from huggingface_hub.utils import logging as hub_logging
-    except ImportError as e:
-        fix = "install the pinned versions with: pip install -r requirements.txt"
-        raise InputError(f"{failed}: huggingface_hub is not installed; {fix}") from e
-    print(f"{ds_id} is not in the local Minari folder: downloading it", flush=True)
-    hub_logging.set_verbosity_error()  # no message at each of its 5 retries: one error line says it
-    try:
-        minari.download_dataset(ds_id)
-    except Exception as e:
-        if isinstance(e, ConnectionError | TimeoutError) or type(e).__module__.startswith("httpx"):  # no answer
-            fix = "check the network (and HF_ENDPOINT, HF_HUB_OFFLINE), or use a kind or a D4RL .hdf5 file"
-            raise InputError(f"{failed}: no answer from the hub ({first_line(e)}); {fix}") from e
-        raise InputError(f"{failed}: {first_line(e).rstrip('.')}; `minari list remote` lists the ids") from e
-
-
-def set_up(args, script: str) -> tuple:
-    """Seeds python, numpy and torch. -> (the torch device, the run directory: --run-dir or a new one in runs/)."""
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+def set_up(args, script: str) -> tuple:  # seeds python, numpy, torch -> (device, --run-dir or a new one in runs/)
+    for seed_rng in (random.seed, np.random.seed, torch.manual_seed):
+        seed_rng(args.seed)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
         raise InputError(f"--device {args.device}: use auto, cpu, or cuda where a CUDA GPU is visible")
@@ -649,55 +623,41 @@ def set_up(args, script: str) -> tuple:
     return torch.device(device), args.run_dir or os.path.join("runs", name)
 
 
-def rng_state(env: gym.Env | None = None) -> dict:
-    """The python, numpy, torch and cuda RNG states; given an env, also all else that decides its future: MuJoCo's
-    integration state, the steps into the episode (gym.make's outermost wrapper is the TimeLimit), the env's RNG."""
-    kind, key, pos, has_gauss, gauss = np.random.get_state()  # the key as a tensor: weights_only refuses numpy
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    state["numpy"] = (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss)
+def rng_state(env: gym.Env | None = None) -> dict:  # with an env also its MuJoCo state, RNG, steps into the episode
+    kind, key, *rest = np.random.get_state()  # the key as a list: torch.load(weights_only=True) refuses numpy
+    state = {"python": random.getstate(), "numpy": (kind, key.tolist(), *rest), "torch": torch.get_rng_state()}
     state["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     if env is not None:
-        sim = env.unwrapped
-        state["mujoco"] = torch.empty(mujoco.mj_stateSize(sim.model, INTEGRATION), dtype=torch.float64)
-        mujoco.mj_getState(sim.model, sim.data, state["mujoco"].numpy(), INTEGRATION)  # fills the tensor
-        state.update(elapsed_steps=env._elapsed_steps, env_rng=sim.np_random.bit_generator.state)
+        state["mujoco"] = torch.empty(mujoco.mj_stateSize(env.unwrapped.model, INTEGRATION), dtype=torch.float64)
+        mujoco.mj_getState(env.unwrapped.model, env.unwrapped.data, state["mujoco"].numpy(), INTEGRATION)
+        state.update(elapsed_steps=env._elapsed_steps, env_rng=env.unwrapped.np_random.bit_generator.state)
     return state
 
 
 def set_rng_state(state: dict, env: gym.Env | None = None) -> None:
     random.setstate(state["python"])
-    kind, key, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    np.random.set_state(state["numpy"])  # its key: a list (a tensor in older checkpoints)
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    torch.cuda.set_rng_state_all(state["cuda"] if torch.cuda.is_available() else [])
     if env is not None:
-        sim = env.unwrapped
-        mujoco.mj_setState(sim.model, sim.data, state["mujoco"].numpy(), INTEGRATION)
-        mujoco.mj_forward(sim.model, sim.data)
+        mujoco.mj_setState(env.unwrapped.model, env.unwrapped.data, state["mujoco"].numpy(), INTEGRATION)
         env._elapsed_steps = state["elapsed_steps"]
-        sim.np_random.bit_generator.state = state["env_rng"]
+        env.unwrapped.np_random.bit_generator.state = state["env_rng"]
 
 
-class Logger:
-    """The run directory's args.json, evals.csv, train.csv, tensorboard events and (--track) wandb run."""
-
+class Logger:  # the run directory's args.json, evals.csv, train.csv, tensorboard events and (--track) wandb run
     def __init__(self, args, run_dir: str, script: str):
-        config = dataclasses.asdict(args)
+        self.start = time.time()
         self.writer = SummaryWriter(run_dir)  # makes the run directory
         with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        self.run_dir = run_dir
+            json.dump(vars(args), f, indent=2)
         self.wandb = None
         if args.track:
             import wandb
 
-            name = os.path.basename(run_dir)
-            run_id = f"{script}-{name}"[-128:]  # the same wandb run again on --resume
-            self.wandb = wandb.init(
-                project=args.wandb_project, config=config, name=name, dir=run_dir, resume="allow", id=run_id
-            )
-        self.start = time.time()
+            name = os.path.basename(run_dir)  # the id below: the same wandb run again on --resume
+            kwargs = dict(project=args.wandb_project, config=vars(args), dir=run_dir, resume="allow", name=name)
+            self.wandb = wandb.init(id=f"{script}-{name}"[-128:], **kwargs)
 
     def scalars(self, metrics: dict, step: int) -> None:  # values: numbers or 0-d tensors (read here: a host sync)
         values = {k: float(v) for k, v in metrics.items()}
@@ -707,7 +667,7 @@ class Logger:
             self.wandb.log(values, step=step)
 
     def csv_row(self, name: str, row: dict) -> None:  # a row of <run dir>/<name>, after the header in a new file
-        path = os.path.join(self.run_dir, name)
+        path = os.path.join(self.writer.log_dir, name)  # the run directory
         with open(path, "a") as f:
             if os.path.getsize(path) == 0:
                 f.write(",".join(row) + "\n")
@@ -742,8 +702,7 @@ def load_checkpoint(path: str, make_cmd: str):
         raise InputError(f"{path} is not a readable checkpoint ({first_line(e)[:200]})") from e
 
 
-def resume_run(args, fmt: str, keep: tuple) -> tuple:
-    """--resume: (the run's own Args, but the fields `keep` from the command line; its checkpoint.pt)."""
+def resume_run(args, fmt: str, keep: tuple) -> tuple:  # -> (the run's Args but `keep` as given, its checkpoint)
     path = os.path.join(args.run_dir, "checkpoint.pt")
     if not args.run_dir or not os.path.exists(path):
         raise InputError(f"--resume needs --run-dir <a run dir holding checkpoint.pt> (got {args.run_dir!r})")
@@ -755,8 +714,7 @@ def resume_run(args, fmt: str, keep: tuple) -> tuple:
     return dataclasses.replace(args, **saved), ckpt
 
 
-def evaluate(env: str, act_fn, episodes: int, seed: int) -> np.ndarray:
-    """Returns of `episodes` episodes side by side; act_fn maps observations [n, obs] -> actions [n, act]."""
+def evaluate(env: str, act_fn, episodes: int, seed: int) -> np.ndarray:  # episodes side by side -> their returns
     envs = gym.make_vec(ENVS[env], episodes, vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP})
     obs, _ = envs.reset(seed=seed)
     returns = np.zeros(episodes)
