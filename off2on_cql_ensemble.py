@@ -1,33 +1,22 @@
 """Off2On, the offline phase: N conservative Q-learning agents, CQL(H), trained on a dataset as one vectorized
-ensemble: the pessimistic Q-ensemble that off2on_finetune.py fine-tunes online. Lee, Seo, Lee, Abbeel, Shin,
-"Offline-to-Online Reinforcement Learning via Balanced Replay and Pessimistic Q-Ensemble", CoRL 2021, arXiv
-2107.00591. Each member has its own initialization and its own minibatch every step; their layers are stacked
-([N, in, out] weights) and run as one batched matmul per layer.
-
-Paper -> code (components named as in the papers; the Off2On paper's own section and equation numbers are not
-cited here; "authors' code" marks details of github.com/shlee94/Off2OnRL, rlkit with its CQL settings for gym):
-  pessimistic Q-ensemble: N independent CQL(H) agents, trained at once        -> Agent, losses, update
-  CQL(H) critic loss (Kumar et al. 2020, arXiv 2006.04779, Eq. 4):            -> losses
-      alpha' (E_s[log sum_a exp Q(s, a)] - E_(s,a)~D[Q(s, a)])
-      + the TD error
-  its log sum_a exp Q by importance sampling over uniform, pi(.|s) and        -> cql_logsumexp
-      pi(.|s') actions (CQL Appendix F; authors' code: min_q_version 3)
-  SAC (Haarnoja et al. 2018, arXiv 1812.05905): TD target (Eq. 5) without     -> losses, tanh_log_prob
-      the entropy term (authors' code), actor (Eq. 7), temperature (Eq. 18),
-      tanh log-density (Eq. 26); a behaviour-cloning warm start of the
-      actor (authors' code)
-  ensemble policy at evaluation: tanh(mean_i mu_i), the mean of the           -> eval_policies
-      moment-matched Gaussian of off2on_finetune.py
-
-    python off2on_cql_ensemble.py --env hopper --dataset medium-replay        # train (1M updates)
-    python off2on_cql_ensemble.py --resume --run-dir runs/<run>               # continue a killed run
-    python off2on_cql_ensemble.py --import-official DIR --env halfcheetah --dataset medium
-The last converts the authors' five released halfcheetah-medium agents into an ensemble file: download the
-folder rlkit/data/cql/ of github.com/shlee94/Off2OnRL (one <task>_seed<k>/ folder per agent) and pass it as DIR.
-
-Ensemble file (the hand-off to off2on_finetune.py), written atomically at the end of training to
-checkpoints/<env>__<dataset_slug>__cql_ensemble__seed<seed>.pt (or --export-path); the import writes
-checkpoints/<env>__<dataset_slug>__cql_ensemble__official.pt. A dict for torch.load(weights_only=True):
+ensemble (own initialization and minibatches per member; layers stacked as [N, in, out] weights, one batched matmul
+per layer): the pessimistic Q-ensemble that off2on_finetune.py fine-tunes online. Lee, Seo, Lee, Abbeel, Shin,
+"Offline-to-Online Reinforcement Learning via Balanced Replay and Pessimistic Q-Ensemble", CoRL 2021, arXiv 2107.00591.
+Paper -> code ("authors' code": github.com/shlee94/Off2OnRL, rlkit with its CQL settings for gym):
+  pessimistic Q-ensemble: N independent CQL(H) agents, trained at once                       -> Agent, losses, update
+  CQL(H) critic loss (Kumar et al. 2020, arXiv 2006.04779, Eq. 4):
+      alpha' (E_s[log sum_a exp Q(s, a)] - E_(s,a)~D[Q(s, a)]) + the TD error                               -> losses
+  its log sum_a exp Q by importance sampling over uniform, pi(.|s) and pi(.|s') actions
+      (CQL Appendix F; authors' code: min_q_version 3)                                               -> cql_logsumexp
+  SAC (Haarnoja et al. 2018, arXiv 1812.05905): TD target (Eq. 5) without the entropy term (authors'
+      code), actor (Eq. 7), temperature (Eq. 18), tanh log-density (Eq. 26); a behaviour-cloning
+      warm start of the actor (authors' code)                                                -> losses, tanh_log_prob
+  ensemble policy at evaluation: tanh(mean_i mu_i), the mean of off2on_finetune.py's                 -> eval_policies
+Run: python off2on_cql_ensemble.py --env hopper --dataset medium-replay (1M updates; resume: --resume --run-dir D).
+With --import-official DIR --env halfcheetah --dataset medium it converts the authors' five released agents instead
+(DIR: the folder rlkit/data/cql/ of github.com/shlee94/Off2OnRL, one <task>_seed<k>/ folder per agent).
+Ensemble file (the hand-off to off2on_finetune.py; written atomically at the end to --export-path, by default
+checkpoints/<env>__<dataset_slug>__cql_ensemble__seed<seed>.pt, or ...__official.pt by the import), a dict:
     format         "off2on-cql-ensemble/1"
     env, dataset   str: the --env and --dataset it was trained on
     obs_dim, act_dim, members (N), hidden: int
@@ -36,9 +25,8 @@ checkpoints/<env>__<dataset_slug>__cql_ensemble__official.pt. A dict for torch.l
     critic_target  the target critics, same layout
     log_alpha      tensor [N], log of each member's SAC temperature (zeros for imported agents)
     updates        int, gradient steps done
-VectorizedLinear stores weight [E, in, out], bias [E, 1, out]. The run's checkpoint.pt (atomic, every
---checkpoint-every updates) is the same dict plus actor_opt, critic_opt, alpha_opt (Adam state dicts), rng
-(python/numpy/torch/cuda RNG states) and args (dict): all an exact --resume needs.
+VectorizedLinear stores weight [E, in, out], bias [E, 1, out]. The run's checkpoint.pt (every --checkpoint-every
+updates) adds actor_opt, critic_opt, alpha_opt (Adam state dicts), rng and args: all an exact --resume needs.
 """
 
 import copy
@@ -53,7 +41,6 @@ import random
 import re
 import sys
 import time
-from dataclasses import dataclass
 
 import gymnasium as gym
 import h5py
@@ -62,7 +49,6 @@ import mujoco
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -71,21 +57,19 @@ SCRIPT = "cql_ensemble"
 FORMAT = "off2on-cql-ensemble/1"
 
 
-@dataclass
+@dataclasses.dataclass
 class Args:
     seed: int = 1  # seed of the run (the members' initializations and minibatches are independent draws from it)
     device: str = "auto"  # auto (cuda if available), cpu or cuda
     track: bool = False  # log to Weights & Biases (works with WANDB_MODE=offline)
     wandb_project: str = "off2on"  # wandb project
     run_dir: str = ""  # run directory ("" = runs/<env>__<dataset>__cql_ensemble__seed<seed>__<unix time>)
-    # continue the run in --run-dir from its checkpoint.pt with its saved args (the command line's --device,
-    # --track, --compile and --offline-updates still apply)
-    resume: bool = False
+    resume: bool = False  # continue --run-dir's run with its saved args but --device/track/compile/offline-updates
     env: str = "hopper"  # hopper, halfcheetah or walker2d (MuJoCo v5 env used for evaluation)
     dataset: str = "medium-replay"  # a kind (local Minari dataset off2on/<env>/<kind>-v0), a Minari id, or a .hdf5
     members: int = 5  # N, CQL agents in the ensemble
     hidden: int = 256  # width of the 2 hidden layers of every actor and critic
-    offline_updates: int = 1_000_000  # gradient steps (each one updates every member)
+    offline_updates: int = 1_000_000  # gradient steps (each one updates every member; may grow on --resume)
     batch_size: int = 256  # minibatch size per member
     gamma: float = 0.99  # discount
     tau: float = 5e-3  # Polyak rate of the target critics
@@ -103,74 +87,55 @@ class Args:
     log_every: int = 1_000  # write training scalars every this many updates (the only host syncs of the loop)
     checkpoint_every: int = 10_000  # write run_dir/checkpoint.pt every this many updates
     export_path: str = ""  # ensemble file ("" = checkpoints/<env>__<dataset_slug>__cql_ensemble__seed<seed>.pt)
-    # folder of the authors' released agents (one <task>_seed<k>/ or seed<k>/ folder per agent, each with actor_*.pt,
-    # critic1_*.pt, critic2_*.pt; see the module docstring): convert them to an ensemble file
-    # (checkpoints/<env>__<dataset_slug>__cql_ensemble__official.pt unless --export-path), evaluate them (unless
-    # --eval-episodes 0) and exit
-    import_official: str = ""
+    import_official: str = ""  # the authors' agents (docstring): convert, evaluate (unless --eval-episodes 0), exit
     compile: bool = False  # torch.compile the loss computation (fuses elementwise work: meant for CUDA)
 
 
-def sample(data: dict, n: int, batch_size: int) -> dict:
-    """An independent minibatch per member: indices [N, B] -> every field [N, B, ...]."""
+def sample(data: dict, n: int, batch_size: int) -> dict:  # an own minibatch per member: every field [N, B, ...]
     idx = torch.randint(len(data["rewards"]), (n, batch_size), device=data["rewards"].device)
     return {k: v[idx] for k, v in data.items()}
 
 
 # =====================================================================================
-# Networks: an ensemble of E independent MLPs computed with one batched matmul per layer.
-# Identical in off2on_cql_ensemble.py and off2on_finetune.py (the ensemble file hands the weights over).
+# Networks: E independent MLPs, one batched matmul per layer; identical in both scripts (the ensemble file's nets).
 # =====================================================================================
-LOG_STD_MIN = -20.0
-LOG_STD_MAX = 2.0
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # the range of the actors' log_std
 
 
-class VectorizedLinear(nn.Module):
-    """E independent linear layers: x [E, B, in] -> [E, B, out]; weight [E, in, out]."""
-
+class VectorizedLinear(nn.Module):  # E independent linear layers: x [E, B, in] -> [E, B, out]; weight [E, in, out]
     def __init__(self, in_features: int, out_features: int, ensemble_size: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(ensemble_size, in_features, out_features))
-        self.bias = nn.Parameter(torch.empty(ensemble_size, 1, out_features))
-        # each member gets nn.Linear's default init (uniform with bound 1/sqrt(in)), drawn independently
-        bound = 1.0 / math.sqrt(in_features)
-        nn.init.uniform_(self.weight, -bound, bound)
-        nn.init.uniform_(self.bias, -bound, bound)
+        bound = 1.0 / math.sqrt(in_features)  # each member: nn.Linear's default init, drawn independently
+        self.weight = nn.Parameter(torch.empty(ensemble_size, in_features, out_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(ensemble_size, 1, out_features).uniform_(-bound, bound))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(self.bias, x, self.weight)
 
 
-class EnsembleActor(nn.Module):
-    """N tanh-Gaussian policies. obs [N, B, obs] -> pre-tanh mean, log_std [N, B, act]."""
+def mlp(sizes: list, n: int) -> nn.Sequential:  # n independent MLPs sizes[0] -> ... -> sizes[-1], ReLU between
+    layers = [VectorizedLinear(fan_in, fan_out, n) for fan_in, fan_out in zip(sizes, sizes[1:])]
+    return nn.Sequential(*[module for layer in layers for module in (layer, nn.ReLU())][:-1])
 
+
+class EnsembleActor(nn.Module):  # N tanh-Gaussian policies: obs [N, B, obs] -> pre-tanh mean, log_std [N, B, act]
     def __init__(self, obs_dim: int, act_dim: int, n: int, hidden: int = 256):
         super().__init__()
         self.members = n
-        self.net = nn.Sequential(
-            VectorizedLinear(obs_dim, hidden, n), nn.ReLU(), VectorizedLinear(hidden, hidden, n), nn.ReLU()
-        )
+        self.net = mlp([obs_dim, hidden, hidden], n)
         self.mu = VectorizedLinear(hidden, act_dim, n)
         self.log_std = VectorizedLinear(hidden, act_dim, n)
 
     def forward(self, obs: torch.Tensor):
-        h = self.net(obs)
+        h = self.net(obs).relu()
         return self.mu(h), self.log_std(h).clamp(LOG_STD_MIN, LOG_STD_MAX)
 
 
-class EnsembleCritic(nn.Module):
-    """2N Q-networks in one ensemble: row i is member i's Q1, row N+i its Q2. (obs, act) [2N, B, *] -> Q [2N, B]."""
-
+class EnsembleCritic(nn.Module):  # 2N Q-nets, row i member i's Q1, row N+i its Q2: (obs, act) [2N, B, *] -> Q [2N, B]
     def __init__(self, obs_dim: int, act_dim: int, n: int, hidden: int = 256):
         super().__init__()
         self.members = n
-        self.net = nn.Sequential(
-            VectorizedLinear(obs_dim + act_dim, hidden, 2 * n),
-            nn.ReLU(),
-            VectorizedLinear(hidden, hidden, 2 * n),
-            nn.ReLU(),
-            VectorizedLinear(hidden, 1, 2 * n),
-        )
+        self.net = mlp([obs_dim + act_dim, hidden, hidden, 1], 2 * n)
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([obs, act], -1)).squeeze(-1)
@@ -183,28 +148,23 @@ def tanh_log_prob(u: torch.Tensor, mu: torch.Tensor, log_std: torch.Tensor) -> t
     """log pi(tanh(u)|s) for pre-tanh u under N(mu, exp(log_std)^2): the Gaussian log-density minus
     sum log(1 - tanh(u)^2) (SAC Eq. 26), written stably as 2 (log 2 - u - softplus(-2u))."""
     gauss = -0.5 * ((u - mu) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
-    return (gauss - 2 * (math.log(2.0) - u - F.softplus(-2 * u))).sum(-1)
+    return (gauss - 2 * (math.log(2.0) - u - nn.functional.softplus(-2 * u))).sum(-1)
 
 
 def cql_logsumexp(q_rand, q_pi, q_pi_next, logp_pi, logp_pi_next, act_dim: int, temp: float = 1.0):
-    """Importance-sampled log sum_a exp Q(s, a) of CQL(H) (CQL paper Eq. 4 and its Appendix F; the
-    authors' min_q_version 3): temp * logsumexp over the 3K samples of (Q(s, a_k) - log mu(a_k)) / temp,
-    a_k drawn from mu = uniform on [-1, 1]^|A| (log density -|A| log 2), pi(.|s) or pi(.|s'), all
-    evaluated at the state s. Inputs [..., K], output [...]. The constant -log 3K is left out, as
-    in the authors' code (it changes no gradient)."""
+    """Importance-sampled log sum_a exp Q(s, a) of CQL(H) (CQL Eq. 4, Appendix F; the authors' min_q_version 3):
+    temp * logsumexp over the 3K samples of (Q(s, a_k) - log mu(a_k)) / temp, a_k from mu = uniform on [-1, 1]^|A|
+    (log density -|A| log 2), pi(.|s) or pi(.|s'), all at the state s. Inputs [..., K], output [...]; without the
+    constant -log 3K, as the authors' code (it changes no gradient)."""
     x = torch.cat([q_rand + act_dim * math.log(2.0), q_pi - logp_pi, q_pi_next - logp_pi_next], -1)
     return temp * torch.logsumexp(x / temp, -1)
 
 
-def frozen_q(critic: nn.Module, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-    """critic(obs, act) through detached weights: the actor loss moves the actions, not the critic."""
+def frozen_q(critic: nn.Module, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:  # with detached weights
     return torch.func.functional_call(critic, {k: v.detach() for k, v in critic.named_parameters()}, (obs, act))
 
 
-class Agent:
-    """N CQL agents: actors, critics (2 per member), target critics, log alphas and three Adams (fused: one kernel
-    per step). Adam is elementwise, so one Adam over stacked weights equals N separate Adams."""
-
+class Agent:  # N CQL agents; 3 fused Adams (elementwise: one over stacked weights = N separate Adams)
     def __init__(self, obs_dim: int, act_dim: int, members: int, hidden: int, args: Args, device):
         self.obs_dim = obs_dim
         self.act_dim = act_dim
@@ -222,9 +182,8 @@ class Agent:
 
 
 def losses(agent: Agent, batch: dict, bc: bool, args: Args) -> tuple:
-    """The summed losses of one gradient step of all members and detached metrics. Each member's
-    losses are means over its own batch, summed over members (and over its two critics), so every
-    member gets exactly the gradient of its own CQL run."""
+    """The summed losses of one gradient step of all members and detached metrics. Each member's losses are means
+    over its own batch, summed over members (and its two critics): every member gets the gradient of its own run."""
     n, b, act_dim = batch["actions"].shape  # members, batch size, action size
     k = args.cql_samples
     # one actor call for s and s' ([N, 2B]); 1 + K samples per state: sample 0 of s is the actor's
@@ -250,29 +209,14 @@ def losses(agent: Agent, batch: dict, bc: bool, args: Args) -> tuple:
 
     # Q(s, .) of every critic at 1 + 3K actions per state in one batched call [2N, B * (1+3K), obs+act]:
     # the dataset action, K uniform actions, K from pi(.|s) and K from pi(.|s') (all at the state s)
-    a_all = torch.cat(
-        [
-            batch["actions"].unsqueeze(2),
-            torch.rand_like(cql_act[:, :b]) * 2 - 1,
-            cql_act[:, :b],
-            cql_act[:, b:],
-        ],
-        2,
-    ).repeat(2, 1, 1, 1)
+    uniform = torch.rand_like(cql_act[:, :b]) * 2 - 1
+    a_all = torch.cat([batch["actions"].unsqueeze(2), uniform, cql_act[:, :b], cql_act[:, b:]], 2).repeat(2, 1, 1, 1)
     s_all = obs2.unsqueeze(2).expand(-1, -1, 1 + 3 * k, -1)
-    q = agent.critic(s_all.reshape(2 * n, -1, agent.obs_dim), a_all.reshape(2 * n, -1, act_dim)).view(
-        2 * n, b, 1 + 3 * k
-    )
+    q = agent.critic(s_all.reshape(2 * n, -1, agent.obs_dim), a_all.reshape(2 * n, -1, act_dim)).view(2 * n, b, -1)
     q_data = q[..., 0]
-    lse = cql_logsumexp(
-        q[..., 1 : 1 + k],
-        q[..., 1 + k : 1 + 2 * k],
-        q[..., 1 + 2 * k :],
-        cql_logp[:, :b].repeat(2, 1, 1),
-        cql_logp[:, b:].repeat(2, 1, 1),
-        act_dim,
-        args.cql_temp,
-    )  # [2N, B]
+    q_rand, q_pi_k, q_next_k = q[..., 1:].split(k, -1)  # [2N, B, K] each: uniform, pi(.|s) and pi(.|s') actions
+    logp_pi_k, logp_next_k = cql_logp.repeat(2, 1, 1).split(b, 1)  # log pi of the pi(.|s) and pi(.|s') samples
+    lse = cql_logsumexp(q_rand, q_pi_k, q_next_k, logp_pi_k, logp_next_k, act_dim, args.cql_temp)  # [2N, B]
     # critic loss, CQL(H) (CQL paper Eq. 4): alpha' (E_s[log sum_a exp Q(s,a)] - E_(s,a)~D[Q(s,a)])
     # + E_D[(Q(s,a) - y)^2] (SAC Eq. 5; mean squared error without the 1/2, as rlkit)
     td = ((q_data - y) ** 2).mean(1)  # [2N]
@@ -290,23 +234,14 @@ def losses(agent: Agent, batch: dict, bc: bool, args: Args) -> tuple:
     actor_loss = (alpha * logp_pi - gain).mean(1).sum()
     # temperature loss (SAC Eq. 18): E_s[-log alpha (log pi(a~|s) + target entropy)]
     alpha_loss = -(agent.log_alpha[:, None] * (logp_pi.detach() + agent.target_entropy)).mean(1).sum()
-
-    metrics = {
-        "losses/critic_td": td.mean(),
-        "losses/cql": cql.mean(),
-        "losses/actor": actor_loss / n,
-        "losses/alpha": alpha_loss / n,
-        "charts/alpha": alpha.mean(),
-        "charts/q_data": q_data.mean(),
-        "charts/cql_logsumexp": lse.mean(),
-        "charts/entropy": -logp_pi.mean(),
-    }
+    metrics = {"losses/critic_td": td.mean(), "losses/cql": cql.mean(), "losses/actor": actor_loss / n}
+    metrics.update({"losses/alpha": alpha_loss / n, "charts/alpha": alpha.mean(), "charts/q_data": q_data.mean()})
+    metrics.update({"charts/cql_logsumexp": lse.mean(), "charts/entropy": -logp_pi.mean()})
     return critic_loss + actor_loss + alpha_loss, {k: v.detach() for k, v in metrics.items()}
 
 
 def update(agent: Agent, batch: dict, bc: bool, args: Args, loss_fn=losses) -> dict:
-    """One gradient step of every member: one backward (the three losses touch disjoint parameters),
-    three Adam steps, Polyak averaging of the target critics."""
+    """One step of every member: one backward (the losses touch disjoint parameters), 3 Adams, Polyak averaging."""
     loss, metrics = loss_fn(agent, batch, bc, args)
     for opt in agent.opts:
         opt.zero_grad(set_to_none=True)
@@ -319,8 +254,7 @@ def update(agent: Agent, batch: dict, bc: bool, args: Args, loss_fn=losses) -> d
     return metrics
 
 
-def main(args: Args) -> str:
-    """Train (or resume) the ensemble; returns the path of the ensemble file."""
+def main(args: Args) -> str:  # -> the path of the ensemble file
     if args.import_official:
         return import_official(args)
     args, ckpt = check_args(args)  # with --resume: the run's own Args and its checkpoint
@@ -334,9 +268,8 @@ def main(args: Args) -> str:
     args = dataclasses.replace(args, run_dir=run_dir)
     logger = Logger(args, args.run_dir, SCRIPT)
     ckpt_path = os.path.join(args.run_dir, "checkpoint.pt")
-    export_path = args.export_path or os.path.join(
-        "checkpoints", f"{args.env}__{dataset_slug(args.dataset)}__{SCRIPT}__seed{args.seed}.pt"
-    )
+    slug = dataset_slug(args.dataset)
+    export_path = args.export_path or f"checkpoints/{args.env}__{slug}__{SCRIPT}__seed{args.seed}.pt"
     print(f"run dir: {args.run_dir}\ncheckpoint: {ckpt_path}\nensemble file (at the end): {export_path}")
     loss_fn = torch.compile(losses) if args.compile else losses
     t0 = time.time()  # for the updates per second since update `since`
@@ -368,22 +301,23 @@ def main(args: Args) -> str:
 
 
 # =====================================================================================
-# This script's plumbing: argument checks and resume, evaluation, the ensemble file and checkpoints, the import
-# of the authors' agents, a memory setting.
+# This script's plumbing: argument checks, resume, evaluation, the ensemble file, the authors' agents, memory.
 # =====================================================================================
-def check_args(args: Args) -> tuple:
-    """One-line errors for bad arguments; with --resume: (the run's own Args, its checkpoint), else (args, None)."""
+OPTIMIZERS = ("actor_opt", "critic_opt", "alpha_opt")  # the Adams of Agent, in the order of Agent.opts
+
+
+def check_args(args: Args) -> tuple:  # -> with --resume: (the run's own Args, its checkpoint), else (args, None)
     ckpt = None
     if args.resume:  # the saved args rule, except for what may change between runs
         keep = ("device", "track", "compile", "offline_updates", "run_dir", "resume")
         args, ckpt = resume_run(args, FORMAT, keep)
-    if min(args.members, args.batch_size, args.eval_every, args.log_every, args.checkpoint_every) < 1:
-        raise InputError("--members, --batch-size, --eval-every, --log-every and --checkpoint-every must be >= 1")
+    for name in ("members", "batch_size", "eval_every", "log_every", "checkpoint_every"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     return args, ckpt
 
 
-def restore_checkpoint(ckpt: dict, agent: Agent, args: Args) -> int:
-    """Load a run's checkpoint.pt into `agent` and the RNGs; returns its number of updates."""
+def restore_checkpoint(ckpt: dict, agent: Agent, args: Args) -> int:  # a run's checkpoint.pt -> its updates
     path = os.path.join(args.run_dir, "checkpoint.pt")
     need = {"obs_dim": agent.obs_dim, "act_dim": agent.act_dim, "members": args.members, "hidden": args.hidden}
     for key, want in need.items():
@@ -411,48 +345,29 @@ def eval_policies(actor: EnsembleActor, env: str, episodes: int, seed: int) -> d
     return {**{f"member{i}": returns[i] for i in range(n)}, "ensemble": returns[n]}
 
 
-def ensemble_dict(agent: Agent, env: str, dataset: str, updates: int) -> dict:
-    """The ensemble file of the module docstring."""
-    return {
-        "format": FORMAT,
-        "env": env,
-        "dataset": dataset,
-        "obs_dim": agent.obs_dim,
-        "act_dim": agent.act_dim,
-        "members": agent.members,
-        "hidden": agent.hidden,
-        "actor": agent.actor.state_dict(),
-        "critic": agent.critic.state_dict(),
-        "critic_target": agent.critic_target.state_dict(),
-        "log_alpha": agent.log_alpha.detach().clone(),
-        "updates": int(updates),
-    }
+def ensemble_dict(agent: Agent, env: str, dataset: str, updates: int) -> dict:  # the ensemble file (docstring)
+    sizes = {"obs_dim": agent.obs_dim, "act_dim": agent.act_dim, "members": agent.members, "hidden": agent.hidden}
+    nets = {name: getattr(agent, name).state_dict() for name in ("actor", "critic", "critic_target")}
+    info = {"format": FORMAT, "env": env, "dataset": dataset, "log_alpha": agent.log_alpha.detach().clone()}
+    return {**info, **sizes, **nets, "updates": int(updates)}
 
 
-def checkpoint_dict(agent: Agent, args: Args, updates: int) -> dict:
-    """The run's checkpoint.pt: the ensemble file, the three Adams, the RNG states and the Args."""
-    optimizers = {"actor_opt": agent.actor_opt, "critic_opt": agent.critic_opt, "alpha_opt": agent.alpha_opt}
-    optimizers = {k: opt.state_dict() for k, opt in optimizers.items()}
-    return {
-        **ensemble_dict(agent, args.env, args.dataset, updates),
-        **optimizers,
-        "rng": rng_state(),
-        "args": dataclasses.asdict(args),
-    }
+def checkpoint_dict(agent: Agent, args: Args, updates: int) -> dict:  # the ensemble file + Adams, RNGs, Args
+    optimizers = {name: opt.state_dict() for name, opt in zip(OPTIMIZERS, agent.opts)}
+    ensemble = ensemble_dict(agent, args.env, args.dataset, updates)
+    return {**ensemble, **optimizers, "rng": rng_state(), "args": dataclasses.asdict(args)}
 
 
 def load_agent(agent: Agent, ckpt: dict, path: str, optimizers: bool) -> None:
     try:
-        agent.actor.load_state_dict(ckpt["actor"])
-        agent.critic.load_state_dict(ckpt["critic"])
-        agent.critic_target.load_state_dict(ckpt["critic_target"])
+        for name in ("actor", "critic", "critic_target"):
+            getattr(agent, name).load_state_dict(ckpt[name])
         with torch.no_grad():
             agent.log_alpha.copy_(ckpt["log_alpha"])
-        if optimizers:
-            for name, opt in zip(("actor_opt", "critic_opt", "alpha_opt"), agent.opts):
-                opt.load_state_dict(ckpt[name])
+        for name, opt in zip(OPTIMIZERS, agent.opts if optimizers else ()):
+            opt.load_state_dict(ckpt[name])
     except (KeyError, RuntimeError, ValueError) as e:
-        raise InputError(f"{path} does not fit this ensemble ({str(e).strip().splitlines()[0][:200]})") from e
+        raise InputError(f"{path} does not fit this ensemble ({first_line(e)[:200]})") from e
 
 
 def import_official(args: Args) -> str:
@@ -467,10 +382,8 @@ def import_official(args: Args) -> str:
 
     seeds = sorted(glob.glob(os.path.join(args.import_official, "*seed*")), key=step_of)
     if not seeds:
-        raise InputError(
-            f"no seed*/ folders in {args.import_official}; pass the folder rlkit/data/cql/ of "
-            "github.com/shlee94/Off2OnRL (one <task>_seed<k>/ folder per agent)"
-        )
+        fix = "pass the folder rlkit/data/cql/ of github.com/shlee94/Off2OnRL (one <task>_seed<k>/ folder per agent)"
+        raise InputError(f"no seed*/ folders in {args.import_official}; {fix}")
     parts = {"actor": [], "critic1": [], "critic2": []}
     for folder in seeds:
         for part, state_dicts in parts.items():
@@ -503,9 +416,7 @@ def import_official(args: Args) -> str:
     agent = Agent(obs_dim, act_dim, len(seeds), actor["net.0.weight"].shape[2], args, "cpu")
     weights = {"actor": actor, "critic": critic, "critic_target": critic, "log_alpha": torch.zeros(len(seeds))}
     load_agent(agent, weights, args.import_official, optimizers=False)
-    path = args.export_path or os.path.join(
-        "checkpoints", f"{args.env}__{dataset_slug(args.dataset)}__{SCRIPT}__official.pt"
-    )
+    path = args.export_path or f"checkpoints/{args.env}__{dataset_slug(args.dataset)}__{SCRIPT}__official.pt"
     save_checkpoint(ensemble_dict(agent, args.env, args.dataset, updates), path)
     print(f"imported {len(seeds)} agents ({', '.join(map(os.path.basename, seeds))}) -> {path}")
     if args.eval_episodes > 0:
@@ -516,9 +427,9 @@ def import_official(args: Args) -> str:
 
 
 def keep_freed_memory() -> None:
-    """CPU speed: glibc returns each freed block over 32 MB to the OS and page-faults the next one in again,
-    which costs more than a pass over it; the critic pass makes many 80 MB activations per update (paper
-    size). Keeping freed memory in the heap makes updates ~1.4x faster on CPU. No-op without glibc."""
+    """CPU speed: glibc returns each freed block over 32 MB to the OS and page-faults the next one in again, which
+    costs more than a pass over it, and the critic pass makes many 80 MB activations per update (paper size): keeping
+    freed memory in the heap makes updates ~1.4x faster on CPU. No-op without glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-4, 0)  # M_MMAP_MAX = 0

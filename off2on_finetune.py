@@ -1,36 +1,21 @@
 """Off2On, the online phase: SAC fine-tuning of N offline CQL agents through their moment-matched ensemble
 policy, on one replay of offline + online transitions prioritized by a learned density ratio (balanced replay).
 Lee, Seo, Lee, Abbeel, Shin, "Offline-to-Online Reinforcement Learning via Balanced Replay and Pessimistic
-Q-Ensemble", CoRL 2021, arXiv 2107.00591.
-
-Paper -> code (components named as in the paper; its section and equation numbers are not cited here;
-"authors' code" marks details of github.com/shlee94/Off2OnRL, rlkit/examples/ours.py and what it calls):
-  pessimistic Q-ensemble: N CQL(H) agents trained offline                     -> off2on_cql_ensemble.py,
-                                                                                 load_offline_ensemble
-  ensemble policy: the Gaussian that matches the members' mixture,            -> ensemble_moments,
-      mu = mean_i mu_i, sigma^2 = mean_i(sigma_i^2 + mu_i^2) - mu^2,             ensemble_policy, act
-      squashed by tanh
-  SAC losses of the ensemble: critic i regresses on                           -> sac_losses
-      r + gamma (min(Q1_i, Q2_i)(s', a') - alpha log pi(a'|s')), a' ~ pi;
-      actor: alpha log pi(a|s) - mean_i min(Q1_i, Q2_i)(s, a)
-  balanced replay: density ratio w(s, a) ~ d_online / d_offline from          -> density_ratio_net,
-      the variational form of the Jensen-Shannon divergence, on uniform          ratio_loss
-      offline and online batches
-  priority of a sampled transition: w^(1/T) / mean_offline w^(1/T)            -> priorities, update
-      (the normalization and the clip to [1e-3, 1e3]: authors' code)
-  initial priority of online transitions: the running maximum, at first       -> Replay
-      the value that gives 1,000 online rows the share
-      --init-online-fraction (authors' code)
-  schedule: epochs of --epoch-steps env steps then as many updates, the       -> main, the algorithm box
-      first epoch x --first-epoch-multiplier (authors' code)
-SAC's equations (Haarnoja et al. 2018, arXiv 1812.05905) are cited where the code implements them.
-
-Run: python off2on_finetune.py --env hopper --dataset medium-replay   (resume: --run-dir D --resume;
-ablations: --replay balanced|uniform|online-only, --members K)
-Reads --checkpoint (default checkpoints/<env>__<dataset>__cql_ensemble__seed<seed>.pt), the ensemble file of
-off2on_cql_ensemble.py ("off2on-cql-ensemble/1", documented there). Writes to the run directory args.json,
-evals.csv, train.csv, tensorboard events and checkpoint.pt ("off2on-finetune/2", atomic, every epoch: networks,
-optimizers, online rows [s, a, r, s', terminal], sum-tree leaves, counters, env and RNG states).
+Q-Ensemble", CoRL 2021, arXiv 2107.00591. SAC (Haarnoja et al. 2018, arXiv 1812.05905): equations cited in the code.
+Paper -> code (components named as in the paper; "authors' code": github.com/shlee94/Off2OnRL, rlkit/examples/ours.py):
+  pessimistic Q-ensemble: N CQL(H) agents trained offline            -> off2on_cql_ensemble.py, load_offline_ensemble
+  ensemble policy: the Gaussian that matches the members' mixture, mu = mean_i mu_i,
+      sigma^2 = mean_i(sigma_i^2 + mu_i^2) - mu^2, squashed by tanh         -> ensemble_moments, ensemble_policy, act
+  SAC losses of the ensemble: critic i regresses on r + gamma (min(Q1_i, Q2_i)(s', a') - alpha log pi(a'|s')),
+      a' ~ pi; actor: alpha log pi(a|s) - mean_i min(Q1_i, Q2_i)(s, a)                                  -> sac_losses
+  balanced replay: density ratio w(s, a) ~ d_online / d_offline from the variational form
+      of the Jensen-Shannon divergence, on uniform offline and online batches        -> density_ratio_net, ratio_loss
+  priority of a sampled transition: w^(1/T) / mean_offline w^(1/T), clipped (authors' code)     -> priorities, update
+  initial priority of online transitions: the running maximum, at first the one giving
+      1,000 online rows the share --init-online-fraction (authors' code)                                    -> Replay
+  schedule: epochs of --epoch-steps env steps, each then as many updates (first x --first-epoch-multiplier)   -> main
+Run: python off2on_finetune.py --env hopper --dataset medium-replay [--replay uniform|online-only] [--members K]
+(resume: --run-dir D --resume). Reads --checkpoint; writes args.json, evals.csv, train.csv, events, checkpoint.pt.
 """
 
 import copy
@@ -42,8 +27,6 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
-from typing import Literal
 
 import gymnasium as gym
 import h5py
@@ -52,16 +35,14 @@ import mujoco
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 SCRIPT = "off2on_finetune"
 FORMAT = "off2on-finetune/2"
 
 
-@dataclass
+@dataclasses.dataclass
 class Args:
     seed: int = 1  # seed of python, numpy, torch and the envs (1, as off2on_cql_ensemble.py: its default file)
     device: str = "auto"  # auto (cuda if available), cpu or cuda
@@ -73,13 +54,10 @@ class Args:
     dataset: str = "medium-replay"  # a kind (local Minari off2on/<env>/<kind>-v0), a Minari id, or a D4RL .hdf5
     checkpoint: str = ""  # offline ensemble file; empty = checkpoints/<env>__<dataset>__cql_ensemble__seed<seed>.pt
     members: int = 0  # use the first K members of the ensemble file (0 = all)
-    # balanced (prioritized by density ratio), uniform over offline + online, or online-only
-    replay: Literal["balanced", "uniform", "online-only"] = "balanced"
+    replay: str = "balanced"  # balanced (by density ratio), uniform (all rows) or online-only (online rows)
     online_steps: int = 250_000  # environment steps online (the paper: 250k)
     epoch_steps: int = 1_000  # env steps per epoch; each epoch is followed by as many updates
-    # the first epoch is followed by this many times --epoch-steps updates (5: the command of the authors'
-    # README, `examples/ours.py --first_epoch_multiplier 5`; their argparse default is 10)
-    first_epoch_multiplier: int = 5
+    first_epoch_multiplier: int = 5  # x updates after the first epoch (5: the authors' README; their default 10)
     eval_every: int = 1_000  # evaluate the deterministic ensemble policy every this many env steps (whole epochs)
     eval_episodes: int = 5  # episodes per evaluation
     batch_size: int = 256  # RL minibatch; the density-ratio step uses as many online and as many offline rows
@@ -88,39 +66,30 @@ class Args:
     tau: float = 5e-3  # target critic Polyak rate
     priority_clip: tuple[float, float] = (1e-3, 1e3)  # priorities are clipped to this range
     temperature: float = 5.0  # T in the priority w^(1/T) / mean_offline(w^(1/T))
-    # f: new online transitions enter at the max priority, at first n_offline f / ((1 - f) 1000) (0.75: the command
-    # of the authors' README, `--init_online_fraction 0.75`; their argparse default is 0.5)
-    init_online_fraction: float = 0.75
+    init_online_fraction: float = 0.75  # f of Replay's first priority (0.75: the authors' README; their default 0.5)
 
 
 # =====================================================================================
 # Balanced replay: one buffer of offline + online transitions, sampled by priority through a sum-tree.
 # =====================================================================================
-class SumTree:
-    """Binary sum-tree over `capacity` leaves in one float64 array (children of node i: 2i+1, 2i+2; leaves from
-    `start`). Batched sampling and updates are numpy ops over the whole batch, one per tree level. Inner nodes are
-    always recomputed as the exact sum of their children: no drift."""
-
+class SumTree:  # binary, in one float64 array (children of i: 2i+1, 2i+2); batched, one numpy op per level
     def __init__(self, capacity: int):
         self.depth = max(1, math.ceil(math.log2(capacity)))
         self.start = 2**self.depth - 1
         self.nodes = np.zeros(2 * self.start + 1)
 
     def update(self, idx: np.ndarray, priorities: np.ndarray) -> None:  # repeated index: its last value wins
-        idx = np.asarray(idx, dtype=np.int64)
         keep = len(idx) - 1 - np.unique(idx[::-1], return_index=True)[1]
         node = idx[keep] + self.start
-        self.nodes[node] = np.asarray(priorities, dtype=np.float64)[keep]
+        self.nodes[node] = priorities[keep]
         for _ in range(self.depth):  # parents within one level are independent: repeats are harmless
             node = (node - 1) // 2
-            self.nodes[node] = self.nodes[2 * node + 1] + self.nodes[2 * node + 2]
+            self.nodes[node] = self.nodes[2 * node + 1] + self.nodes[2 * node + 2]  # exact sums: no drift
 
-    def sample(self, batch: int) -> np.ndarray:
-        """Stratified: one uniform draw in each of `batch` equal slices of the total, then descend, going right
-        when the draw passes the left subtree's sum (never into an empty subtree)."""
+    def sample(self, batch: int) -> np.ndarray:  # stratified: a uniform draw in each of `batch` slices of the total
         u = (np.arange(batch) + np.random.random(batch)) * (self.nodes[0] / batch)
         node = np.zeros(batch, np.int64)
-        for _ in range(self.depth):
+        for _ in range(self.depth):  # go right when the draw passes the left sum (never into an empty subtree)
             left = 2 * node + 1
             right = (u >= self.nodes[left]) & (self.nodes[left + 1] > 0)
             u = np.where(right, u - self.nodes[left], u)
@@ -128,103 +97,80 @@ class SumTree:
         return node - self.start
 
 
-class Replay:
-    """Every transition as a row [s, a, r, s', terminal] of one device tensor: the n_offline dataset rows, then up
-    to `online_capacity` online rows. Balanced replay samples rows by sum-tree priority (the dataset's start at 1);
-    the ablations sample uniformly."""
-
+class Replay:  # every transition a row [s, a, r, s', terminal] of one tensor: the dataset's, then online ones
     def __init__(self, data: dict, online_capacity: int, device: torch.device, init_online_fraction: float):
         self.n_offline = len(data["rewards"])
         self.n_online = 0
         self.obs_dim = data["observations"].shape[1]
         self.act_dim = data["actions"].shape[1]
-        self.device = device
         columns = [data["observations"], data["actions"], data["rewards"][:, None], data["next_observations"]]
         rows = torch.from_numpy(np.concatenate([*columns, data["terminals"][:, None]], 1)).to(device, torch.float32)
         self.rows = torch.cat([rows, rows.new_zeros(online_capacity, rows.shape[1])])
         self.tree = SumTree(self.n_offline + online_capacity)
         self.tree.update(np.arange(self.n_offline), np.ones(self.n_offline))
-        # new online rows enter at the running max priority; its first value p gives the first 1,000 online rows
-        # the share f of the total: 1000 p / (n_offline + 1000 p) = f  =>  p = n_offline f / ((1 - f) 1000)
+        # new online rows enter at the running max priority; at first p, with 1000 p / (n_offline + 1000 p) = f
         self.max_priority = self.n_offline * init_online_fraction / ((1 - init_online_fraction) * 1000)
 
     def add_online(self, rows: np.ndarray) -> None:
         i = self.n_offline + self.n_online
-        self.rows[i : i + len(rows)] = torch.from_numpy(rows).to(self.device)
+        self.rows[i : i + len(rows)] = torch.from_numpy(rows).to(self.rows.device)
         self.tree.update(np.arange(i, i + len(rows)), np.full(len(rows), self.max_priority))
         self.n_online += len(rows)
 
     def split(self, rows: torch.Tensor) -> tuple:  # -> s, a, r, s', terminal (views; r and terminal are [B])
-        o = self.obs_dim
-        a = self.act_dim
-        return rows[:, :o], rows[:, o : o + a], rows[:, o + a], rows[:, o + a + 1 : -1], rows[:, -1]
+        s, a, r, s2, d = rows.split([self.obs_dim, self.act_dim, 1, self.obs_dim, 1], dim=1)
+        return s, a, r[:, 0], s2, d[:, 0]
 
-    def uniform(self, lo: int, hi: int, n: int) -> torch.Tensor:
-        return self.rows[torch.randint(lo, hi, (n,), device=self.device)]
-
-    def sample(self, n: int, mode: str) -> tuple:  # -> (row indices, rows) of the RL batch
+    def sample(self, n: int, mode: str) -> tuple:  # -> (row indices, rows): by priority, or uniform over some rows
         if mode == "balanced":  # sum-tree indices (numpy): the one host->device copy
             idx = self.tree.sample(n)
-            return idx, self.rows[torch.from_numpy(idx).to(self.device)]
-        lo = 0 if mode == "uniform" else self.n_offline
-        idx = torch.randint(lo, self.n_offline + self.n_online, (n,), device=self.device)
+            return idx, self.rows[torch.from_numpy(idx).to(self.rows.device)]
+        n_rows = self.n_offline + self.n_online
+        lo, hi = {"uniform": (0, n_rows), "online-only": (self.n_offline, n_rows), "offline": (0, self.n_offline)}[mode]
+        idx = torch.randint(lo, hi, (n,), device=self.rows.device)
         return idx, self.rows[idx]
 
 
 # =====================================================================================
-# Networks: an ensemble of E independent MLPs computed with one batched matmul per layer.
-# Identical in off2on_cql_ensemble.py and off2on_finetune.py (the ensemble file hands the weights over).
+# Networks: E independent MLPs, one batched matmul per layer; identical in both scripts (the ensemble file's nets).
 # =====================================================================================
-LOG_STD_MIN = -20.0
-LOG_STD_MAX = 2.0
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # the range of the actors' log_std
 
 
-class VectorizedLinear(nn.Module):
-    """E independent linear layers: x [E, B, in] -> [E, B, out]; weight [E, in, out]."""
-
+class VectorizedLinear(nn.Module):  # E independent linear layers: x [E, B, in] -> [E, B, out]; weight [E, in, out]
     def __init__(self, in_features: int, out_features: int, ensemble_size: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(ensemble_size, in_features, out_features))
-        self.bias = nn.Parameter(torch.empty(ensemble_size, 1, out_features))
-        # each member gets nn.Linear's default init (uniform with bound 1/sqrt(in)), drawn independently
-        bound = 1.0 / math.sqrt(in_features)
-        nn.init.uniform_(self.weight, -bound, bound)
-        nn.init.uniform_(self.bias, -bound, bound)
+        bound = 1.0 / math.sqrt(in_features)  # each member: nn.Linear's default init, drawn independently
+        self.weight = nn.Parameter(torch.empty(ensemble_size, in_features, out_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(ensemble_size, 1, out_features).uniform_(-bound, bound))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(self.bias, x, self.weight)
 
 
-class EnsembleActor(nn.Module):
-    """N tanh-Gaussian policies. obs [N, B, obs] -> pre-tanh mean, log_std [N, B, act]."""
+def mlp(sizes: list, n: int) -> nn.Sequential:  # n independent MLPs sizes[0] -> ... -> sizes[-1], ReLU between
+    layers = [VectorizedLinear(fan_in, fan_out, n) for fan_in, fan_out in zip(sizes, sizes[1:])]
+    return nn.Sequential(*[module for layer in layers for module in (layer, nn.ReLU())][:-1])
 
+
+class EnsembleActor(nn.Module):  # N tanh-Gaussian policies: obs [N, B, obs] -> pre-tanh mean, log_std [N, B, act]
     def __init__(self, obs_dim: int, act_dim: int, n: int, hidden: int = 256):
         super().__init__()
         self.members = n
-        self.net = nn.Sequential(
-            VectorizedLinear(obs_dim, hidden, n), nn.ReLU(), VectorizedLinear(hidden, hidden, n), nn.ReLU()
-        )
+        self.net = mlp([obs_dim, hidden, hidden], n)
         self.mu = VectorizedLinear(hidden, act_dim, n)
         self.log_std = VectorizedLinear(hidden, act_dim, n)
 
     def forward(self, obs: torch.Tensor):
-        h = self.net(obs)
+        h = self.net(obs).relu()
         return self.mu(h), self.log_std(h).clamp(LOG_STD_MIN, LOG_STD_MAX)
 
 
-class EnsembleCritic(nn.Module):
-    """2N Q-networks in one ensemble: row i is member i's Q1, row N+i its Q2. (obs, act) [2N, B, *] -> Q [2N, B]."""
-
+class EnsembleCritic(nn.Module):  # 2N Q-nets, row i member i's Q1, row N+i its Q2: (obs, act) [2N, B, *] -> Q [2N, B]
     def __init__(self, obs_dim: int, act_dim: int, n: int, hidden: int = 256):
         super().__init__()
         self.members = n
-        self.net = nn.Sequential(
-            VectorizedLinear(obs_dim + act_dim, hidden, 2 * n),
-            nn.ReLU(),
-            VectorizedLinear(hidden, hidden, 2 * n),
-            nn.ReLU(),
-            VectorizedLinear(hidden, 1, 2 * n),
-        )
+        self.net = mlp([obs_dim + act_dim, hidden, hidden, 1], 2 * n)
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([obs, act], -1)).squeeze(-1)
@@ -234,40 +180,29 @@ class EnsembleCritic(nn.Module):
 # Density ratio and priorities, the ensemble policy, the SAC losses, one update.
 # =====================================================================================
 def density_ratio_net(in_dim: int, hidden: int = 256) -> nn.Sequential:
-    """w(s, a) >= 0 [B, 1], trained so that w ~ d_online(s,a) / d_offline(s,a): 2x256 ReLU MLP with a ReLU
-    output. Initialized as the authors' weight net (rlkit ConcatMlp, then last bias 1): hidden weights
-    U(-1/sqrt(fan), 1/sqrt(fan)) with rlkit's fanin_init, which reads the fan from dim 0 of the [out, in]
-    weight, i.e. out_features; hidden biases 0; last weights U(-3e-3, 3e-3); last bias 1. So w = 1.000 +- 0.003
-    everywhere before training and the first priorities are all about 1."""
+    """w(s, a) >= 0 [B, 1] ~ d_online / d_offline: the authors' weight net (rlkit ConcatMlp, 2x256 ReLU, ReLU output,
+    U(+-1/sqrt(fan)) hidden weights with fan = out_features, U(+-3e-3) last weights, last bias 1): w = 1 +- 0.003."""
     net = nn.Sequential(
         nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1), nn.ReLU()
     )
-    for layer in (net[0], net[2]):
-        bound = 1.0 / math.sqrt(layer.weight.shape[0])
+    for layer, bound in ((net[0], 1.0 / math.sqrt(hidden)), (net[2], 1.0 / math.sqrt(hidden)), (net[4], 3e-3)):
         nn.init.uniform_(layer.weight, -bound, bound)
-        nn.init.zeros_(layer.bias)
-    nn.init.uniform_(net[4].weight, -3e-3, 3e-3)
-    nn.init.constant_(net[4].bias, 1.0)
+        nn.init.constant_(layer.bias, 1.0 if layer is net[4] else 0.0)
     return net
 
 
 def ratio_loss(w_off: torch.Tensor, w_on: torch.Tensor) -> torch.Tensor:
-    """The paper's density-ratio objective, the variational form of the Jensen-Shannon f-divergence
-    (f(y) = y log y - (y+1) log((y+1)/2)): L(w) = E_off[f*(f'(w))] - E_on[f'(w)]
-    = E_off[-log(2/(w+1))] - E_on[log(2w/(w+1))], minimized pointwise at w = d_on/d_off.
-    (+1e-10 keeps log finite at w = 0, as the authors' code does.)"""
+    """The paper's density-ratio objective, the variational form of the Jensen-Shannon divergence: L(w) = E_off[-log(2
+    /(w+1))] - E_on[log(2w/(w+1))], minimized at w = d_on/d_off (+1e-10 keeps log finite at 0, as the authors')."""
     return (-torch.log(2.0 / (w_off + 1.0) + 1e-10)).mean() - torch.log(2.0 * w_on / (w_on + 1.0) + 1e-10).mean()
 
 
 def priorities(w_rl: torch.Tensor, w_off: torch.Tensor, temperature: float, lo: float, hi: float) -> torch.Tensor:
-    """Balanced-replay priority p = w^(1/T) / mean_offline-batch(w^(1/T)), clipped to [lo, hi]."""
     return (w_rl.pow(1.0 / temperature) / (w_off.pow(1.0 / temperature).mean() + 1e-10)).clamp(lo, hi)
 
 
 def ensemble_moments(mu_i: torch.Tensor, log_std_i: torch.Tensor):
-    """The ensemble policy of the pessimistic Q-ensemble, by moment matching the members' pre-tanh N(mu_i,
-    sigma_i^2) [N, B, A]: mu = mean_i mu_i, sigma^2 = mean_i(sigma_i^2 + mu_i^2) - mu^2, computed as the equal
-    mean_i(sigma_i^2) + mean_i((mu_i - mu)^2) (no cancellation); sigma clamped to [e^-20, e^2]."""
+    # the members' pre-tanh N(mu_i, sigma_i^2) [N, B, A] -> the ensemble's (mu, sigma), sigma^2 without cancellation
     mu = mu_i.mean(0)
     var = (2 * log_std_i).exp().mean(0) + (mu_i - mu).pow(2).mean(0)
     return mu, var.sqrt().clamp(math.exp(LOG_STD_MIN), math.exp(LOG_STD_MAX))
@@ -280,35 +215,28 @@ def ensemble_policy(actor: EnsembleActor, obs: torch.Tensor):
     eps = torch.randn_like(mu)
     u = mu + std * eps
     log_normal = (-0.5 * eps.pow(2) - std.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
-    log_det = (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)  # = log(1 - tanh(u)^2), stable form
+    log_det = (2 * (math.log(2) - u - nn.functional.softplus(-2 * u))).sum(-1)  # = log(1 - tanh(u)^2), stable
     return torch.tanh(u), log_normal - log_det
 
 
-class Learner:
-    """What fine-tuning trains: the N actors and critics of the offline ensemble, target critics copied from them,
-    one temperature alpha (= 1 at the start), the density-ratio net, and two Adams (Adam is per parameter: one
-    Adam over all actors, critics and alpha equals one per network)."""
-
+class Learner:  # the offline ensemble's actors and critics, target critics, one alpha, the density-ratio net
     STATE = ("actor", "critic", "critic_target", "ratio", "sac_opt", "ratio_opt")  # the state_dicts it saves
 
     def __init__(self, actor: EnsembleActor, critic: EnsembleCritic, learning_rate: float):
-        self.members = actor.members
-        self.target_entropy = -float(actor.mu.weight.shape[2])  # -|A|
         self.actor = actor
         self.critic = critic
         self.critic_target = copy.deepcopy(critic).requires_grad_(False)
         self.log_alpha = torch.zeros((), device=critic.net[0].weight.device, requires_grad=True)
         self.ratio = density_ratio_net(critic.net[0].weight.shape[1]).to(self.log_alpha.device)  # input (s, a)
-        sac_params = [*actor.parameters(), *critic.parameters(), self.log_alpha]
+        sac_params = [*actor.parameters(), *critic.parameters(), self.log_alpha]  # one Adam = one per net
         self.sac_opt = torch.optim.Adam(sac_params, lr=learning_rate, fused=True)
         self.ratio_opt = torch.optim.Adam(self.ratio.parameters(), lr=learning_rate, fused=True)
 
 
 def sac_losses(learner: Learner, batch: tuple, gamma: float) -> tuple:
-    """SAC losses of the whole ensemble on one batch (no CQL term online). Critic rows [0:N] are the members'
-    Q1, rows [N:2N] their Q2; x.expand(2N, ...) feeds one batch to every row."""
+    """SAC losses of the ensemble on one batch (no CQL term online); critic rows [0:N]: the members' Q1, [N:2N] Q2."""
     s, a, r, s2, d = batch
-    n = learner.members
+    n = learner.actor.members
     alpha = learner.log_alpha.exp().detach()
     # member i's TD target (the target of SAC Eq. 5, clipped double Q), one shared next action a' ~ pi_ens(s'):
     # y_i = r + (1-d) gamma [min(Q1'_i, Q2'_i)(s', a') - alpha log pi_ens(a'|s')]
@@ -327,45 +255,30 @@ def sac_losses(learner: Learner, batch: tuple, gamma: float) -> tuple:
     learner.critic.requires_grad_(True)
     actor_loss = (alpha * logp_pi - torch.min(q_pi[:n], q_pi[n:]).mean(0)).mean()
     # temperature loss (SAC Eq. 18): -log alpha (log pi + target entropy), target entropy -|A|
-    alpha_loss = -(learner.log_alpha * (logp_pi.detach() + learner.target_entropy)).mean()
-    stats = {
-        "critic_loss": critic_loss.detach(),
-        "actor_loss": actor_loss.detach(),
-        "alpha": alpha,
-        "q_mean": q.detach().mean(),
-        "entropy": -logp_pi.detach().mean(),
-    }
+    alpha_loss = -(learner.log_alpha * (logp_pi.detach() - a.shape[1])).mean()
+    stats = {"critic_loss": critic_loss.detach(), "actor_loss": actor_loss.detach(), "alpha": alpha}
+    stats.update(q_mean=q.detach().mean(), entropy=-logp_pi.detach().mean())
     return critic_loss, actor_loss, alpha_loss, stats
 
 
 def update(learner: Learner, replay: Replay, args: Args) -> dict:
-    """One gradient step: density ratio, priorities of the sampled RL batch, SAC step of the ensemble. Host
-    transfers: indices in, priorities out (on a GPU the SAC step runs while the host samples the next batch)."""
+    """One gradient step: density ratio, priorities of the sampled batch, SAC (host transfers: indices, priorities)."""
     idx, rows = replay.sample(args.batch_size, args.replay)
-    stats = {}
-    sa = replay.obs_dim + replay.act_dim  # rows start with (s, a)
+    online = idx >= replay.n_offline
+    stats = {"online_fraction": online.mean() if args.replay == "balanced" else online.float().mean()}
     if args.replay == "balanced":  # density-ratio step on uniform offline and online (s, a) batches
-        x_off = replay.uniform(0, replay.n_offline, args.batch_size)[:, :sa]
-        x_on = replay.uniform(replay.n_offline, replay.n_offline + replay.n_online, args.batch_size)[:, :sa]
-        w = learner.ratio(torch.cat([x_off, x_on])).squeeze(-1)
-        w_off = w[: len(x_off)]
-        w_on = w[len(x_off) :]
+        sa = replay.obs_dim + replay.act_dim  # rows start with (s, a)
+        x = torch.cat([replay.sample(args.batch_size, part)[1] for part in ("offline", "online-only")])[:, :sa]
+        w_off, w_on = learner.ratio(x).squeeze(-1).chunk(2)
         loss = ratio_loss(w_off, w_on)
         learner.ratio_opt.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():  # priorities from the net before its step, as the authors' code
             prio = priorities(learner.ratio(rows[:, :sa]).squeeze(-1), w_off, args.temperature, *args.priority_clip)
         learner.ratio_opt.step()
-        prio = prio.cpu().numpy()
-        replay.tree.update(idx, prio)
+        replay.tree.update(idx, prio.cpu().numpy())
         replay.max_priority = max(replay.max_priority, float(prio.max()))  # running max, for new online rows
-        stats = {
-            "ratio_loss": loss.detach(),
-            "w_offline_mean": w_off.detach().mean(),
-            "w_online_mean": w_on.detach().mean(),
-        }
-    online = idx >= replay.n_offline
-    stats["online_fraction"] = online.mean() if args.replay == "balanced" else online.float().mean()
+        stats.update(ratio_loss=loss.detach(), w_offline_mean=w_off.detach().mean(), w_online_mean=w_on.detach().mean())
     critic_loss, actor_loss, alpha_loss, sac_stats = sac_losses(learner, replay.split(rows), args.gamma)
     learner.sac_opt.zero_grad(set_to_none=True)
     (critic_loss + actor_loss + alpha_loss).backward()  # each loss reaches only its own parameters
@@ -377,27 +290,23 @@ def update(learner: Learner, replay: Replay, args: Args) -> dict:
 
 
 @torch.no_grad()
-def act(actor: EnsembleActor, obs: np.ndarray, deterministic: bool) -> np.ndarray:
-    """obs [n, obs] -> actions [n, act]: tanh(mu) of the ensemble policy, or a sample of it."""
+def act(actor: EnsembleActor, obs: np.ndarray, deterministic: bool) -> np.ndarray:  # -> tanh(mu), or a sample
     o = torch.as_tensor(obs, dtype=torch.float32, device=actor.mu.weight.device)
     if deterministic:
         return torch.tanh(ensemble_moments(*actor(o.expand(actor.members, *o.shape)))[0]).cpu().numpy()
     return ensemble_policy(actor, o)[0].cpu().numpy()
 
 
-def explore(env: gym.Env, episode: dict, actor: EnsembleActor, steps: int, logger, env_steps: int) -> np.ndarray:
-    """`steps` env steps acting with a sample of the ensemble policy -> their rows [s, a, r, s', terminal]
-    (a time-limit end is not terminal). `episode`: the current observation, return and length, carried on."""
+def explore(env: gym.Env, episode: dict, actor: EnsembleActor, steps: int, logger, start: int) -> np.ndarray:
+    """`steps` env steps (after `start`) with samples of the ensemble policy -> rows [s, a, r, s', terminal]."""
     rows = []
     for i in range(steps):
         a = act(actor, episode["obs"][None], deterministic=False)[0]
         next_obs, reward, terminated, truncated, _ = env.step(a)
-        rows.append(np.concatenate([episode["obs"], a, [reward], next_obs, [float(terminated)]]))
+        rows.append(np.concatenate([episode["obs"], a, [reward], next_obs, [float(terminated)]]))  # not at time limits
         episode.update(obs=next_obs, ep_return=episode["ep_return"] + float(reward), ep_length=episode["ep_length"] + 1)
         if terminated or truncated:
-            logger.scalars(
-                {f"online/episodic_{k}": episode[f"ep_{k}"] for k in ("return", "length")}, env_steps + i + 1
-            )
+            logger.scalars({f"online/episodic_{k}": episode[f"ep_{k}"] for k in ("return", "length")}, start + i + 1)
             episode.update(obs=env.reset()[0], ep_return=0.0, ep_length=0)
     return np.array(rows, dtype=np.float32)
 
@@ -417,150 +326,116 @@ def main(args: Args) -> None:
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     print(f"run dir: {run_dir}\ncheckpoint: {ckpt_path}")
     if counters["env_steps"] == 0:  # the offline ensemble, before any online step
-        print(f"start: normalized score {evaluate_policy(args, learner, logger, counters):.1f}")
-    bar = tqdm(
-        total=args.online_steps, initial=counters["env_steps"], desc="off2on env steps", mininterval=5, disable=None
-    )
+        evaluate_policy(args, learner, logger, counters)
     try:
         while counters["env_steps"] < args.online_steps:
             start = counters["env_steps"]
             # explore with the ensemble policy; the new transitions enter the replay at the max priority
             rows = explore(env, episode, learner.actor, min(args.epoch_steps, args.online_steps - start), logger, start)
             replay.add_online(rows)
-            counters["env_steps"] += len(rows)
-            bar.update(len(rows))
-            # as many updates as env steps (the first epoch: x first_epoch_multiplier), each a density-ratio
-            # step, new priorities for its sampled batch and a SAC step of the ensemble
+            # as many updates (the first epoch: x first_epoch_multiplier): density ratio, priorities, SAC step
             n_updates = len(rows) * (args.first_epoch_multiplier if counters["epoch"] == 0 else 1)
             stats = [update(learner, replay, args) for _ in range(n_updates)]
+            counters["env_steps"] += len(rows)
             counters["updates"] += n_updates
             counters["epoch"] += 1
             log_epoch(logger, stats, counters)
             done = counters["env_steps"] >= args.online_steps
             if done or counters["env_steps"] // args.eval_every > start // args.eval_every:
-                bar.set_postfix(score=f"{evaluate_policy(args, learner, logger, counters):.1f}")
+                evaluate_policy(args, learner, logger, counters)
             save_checkpoint(checkpoint_dict(args, learner, replay, env, episode, counters), ckpt_path)  # every epoch
     finally:
-        bar.close()
         logger.close()
         env.close()
-    print(f"done: {counters['env_steps']} env steps, {counters['updates']} updates\nrun dir: {run_dir}")
-    print(f"checkpoint: {ckpt_path}")
+    print(f"done: {counters['updates']} updates\nrun dir: {run_dir}\ncheckpoint: {ckpt_path}")
 
 
 # =====================================================================================
 # This script's plumbing: argument checks, the offline ensemble file, evaluation, logging, checkpoints.
 # =====================================================================================
 TRAIN_COLUMNS = ("q_mean", "alpha", "entropy", "online_fraction", "ratio_loss", "w_offline_mean", "w_online_mean")
+POSITIVE = ("online_steps", "epoch_steps", "first_epoch_multiplier", "eval_every", "eval_episodes", "batch_size")
 
 
-def check_args(args: Args) -> tuple:
-    """One-line errors for bad arguments; with --resume: (the run's own Args, its checkpoint), else (args, None)."""
-    if args.replay not in ("balanced", "uniform", "online-only"):
-        raise InputError(f"unknown --replay {args.replay!r}; use balanced, uniform or online-only")
-    for name in ("online_steps", "epoch_steps", "first_epoch_multiplier", "eval_every", "eval_episodes", "batch_size"):
-        if getattr(args, name) <= 0:
-            raise InputError(f"--{name.replace('_', '-')} must be positive")
-    if not 0 < args.init_online_fraction < 1:
-        raise InputError("--init-online-fraction must be in (0, 1)")
-    if not args.resume:
-        return args, None
-    # the run's own arguments; the device, tracking and the step budget may change
-    args, ckpt = resume_run(args, FORMAT, keep=("device", "track", "online_steps", "resume", "run_dir"))
-    if args.online_steps < ckpt["env_steps"]:
-        raise InputError(f"{args.run_dir} is at {ckpt['env_steps']} env steps, past --online-steps {args.online_steps}")
+def check_args(args: Args) -> tuple:  # -> with --resume: (the run's own Args, its checkpoint), else (args, None)
+    ckpt = None
+    if args.resume:  # the run's own Args, but the device, tracking and the step budget may change
+        args, ckpt = resume_run(args, FORMAT, keep=("device", "track", "online_steps", "resume", "run_dir"))
+    done = ckpt["env_steps"] if ckpt else 0
+    checks = [(name, getattr(args, name) > 0, "must be positive") for name in POSITIVE]
+    checks += [("replay", args.replay in ("balanced", "uniform", "online-only"), "use balanced, uniform, online-only")]
+    checks += [("init_online_fraction", 0 < args.init_online_fraction < 1, "must be in (0, 1)")]
+    checks += [("online_steps", args.online_steps >= done, f"the run in --run-dir is at {done} env steps")]
+    for name, ok, fix in checks:
+        if not ok:
+            raise InputError(f"--{name.replace('_', '-')} {getattr(args, name)}: {fix}")
     return args, ckpt
 
 
-def load_offline_ensemble(args: Args, data: dict, device: torch.device) -> tuple:
-    """The offline ensemble file -> (actor, critic) of its first K members, checked against the env."""
-    slug = dataset_slug(args.dataset)
-    path = args.checkpoint or os.path.join("checkpoints", f"{args.env}__{slug}__cql_ensemble__seed{args.seed}.pt")
+def load_offline_ensemble(args: Args, data: dict, device: torch.device) -> tuple:  # -> (actor, critic), K members
+    path = args.checkpoint or f"checkpoints/{args.env}__{dataset_slug(args.dataset)}__cql_ensemble__seed{args.seed}.pt"
     make = f"python off2on_cql_ensemble.py --env {args.env} --dataset {args.dataset} --seed {args.seed}"
     ckpt = load_checkpoint(path, make)
     if not isinstance(ckpt, dict) or ckpt.get("format") != "off2on-cql-ensemble/1":
         raise InputError(f"{path} is not an off2on-cql-ensemble/1 file; make one with: {make}")
-    obs_dim = data["observations"].shape[1]
-    act_dim = data["actions"].shape[1]
-    if (ckpt.get("env"), ckpt.get("obs_dim"), ckpt.get("act_dim")) != (args.env, obs_dim, act_dim):
-        raise InputError(
-            f"{path} was made for env {ckpt.get('env')!r} (obs/action dims {ckpt.get('obs_dim')}/"
-            f"{ckpt.get('act_dim')}), not {args.env} ({obs_dim}/{act_dim}); use one made for {args.env}"
-        )
+    dims = (data["observations"].shape[1], data["actions"].shape[1])
+    if (ckpt.get("env"), ckpt.get("obs_dim"), ckpt.get("act_dim")) != (args.env, *dims):
+        made_for = f"{ckpt.get('env')!r} (obs/action dims {ckpt.get('obs_dim')}/{ckpt.get('act_dim')})"
+        raise InputError(f"{path} was made for {made_for}, not {args.env} ({dims[0]}/{dims[1]}); use one made for it")
     n = ckpt["members"]
     k = args.members or n
     if not 1 <= k <= n:
         raise InputError(f"--members {args.members}: the checkpoint has {n} members; use 1..{n} (0 = all)")
-    actor = EnsembleActor(obs_dim, act_dim, k, ckpt["hidden"]).to(device)
-    critic = EnsembleCritic(obs_dim, act_dim, k, ckpt["hidden"]).to(device)
+    actor = EnsembleActor(*dims, k, ckpt["hidden"]).to(device)
+    critic = EnsembleCritic(*dims, k, ckpt["hidden"]).to(device)
     try:  # the first K members: actor rows [0:K]; critic rows [0:K] (Q1) and [N:N+K] (Q2)
         actor.load_state_dict({key: v[:k] for key, v in ckpt["actor"].items()})
         critic.load_state_dict({key: torch.cat([v[:k], v[n : n + k]]) for key, v in ckpt["critic"].items()})
     except (RuntimeError, KeyError) as e:
-        raise InputError(f"{path}: weights do not match its declared shapes ({str(e).splitlines()[0][:99]})") from e
-    print(f"offline ensemble: {path} ({k} of its {n} members; replay {args.replay})")
+        raise InputError(f"{path}: weights do not match its declared shapes ({first_line(e)[:99]})") from e
     return actor, critic
 
 
-def evaluate_policy(args: Args, learner: Learner, logger, counters: dict) -> float:
-    """The deterministic ensemble policy tanh(mu), from new start states each time -> evals.csv; its score."""
+def evaluate_policy(args: Args, learner: Learner, logger, counters: dict) -> None:  # tanh(mu) -> evals.csv, stdout
     seed = eval_seed(args.seed, counters["evals"])
     returns = evaluate(args.env, lambda obs: act(learner.actor, obs, deterministic=True), args.eval_episodes, seed)
     counters["evals"] += 1
     steps = counters["env_steps"]
-    return logger.eval_row("online", counters["updates"], steps, "ensemble", returns, args.env, steps)
+    score = logger.eval_row("online", counters["updates"], steps, "ensemble", returns, args.env, steps)
+    print(f"{steps} env steps: normalized score {score:.1f}", flush=True)
 
 
-def log_epoch(logger, stats: list, counters: dict) -> None:
-    """Epoch means of the updates' statistics -> tensorboard and train.csv (one host sync per epoch)."""
+def log_epoch(logger, stats: list, counters: dict) -> None:  # epoch means -> tensorboard, train.csv (one host sync)
     means = {key: float(sum(s[key] for s in stats)) / len(stats) for key in stats[0]}
     logger.scalars({f"online/{key}": value for key, value in means.items()}, counters["env_steps"])
-    row = {"env_steps": counters["env_steps"], "updates": counters["updates"]}
-    logger.csv_row("train.csv", {**row, **{key: means.get(key, "") for key in TRAIN_COLUMNS}})
+    logger.csv_row("train.csv", {k: {**counters, **means}.get(k, "") for k in ("env_steps", "updates", *TRAIN_COLUMNS)})
 
 
-def checkpoint_dict(args: Args, learner: Learner, replay: Replay, env: gym.Env, episode: dict, counters: dict) -> dict:
-    """<run dir>/checkpoint.pt: all an exact --resume needs (the online rows; the dataset's are reloaded)."""
+def checkpoint_dict(args, learner, replay, env, episode: dict, counters: dict) -> dict:  # all an exact --resume needs
     n_rows = replay.n_offline + replay.n_online
     leaves = replay.tree.nodes[replay.tree.start : replay.tree.start + n_rows]
-    return {
-        "format": FORMAT,
-        "args": dataclasses.asdict(args),
-        "members": learner.members,
-        **{k: getattr(learner, k).state_dict() for k in Learner.STATE},
-        "log_alpha": learner.log_alpha.detach().cpu(),
-        "online": replay.rows[replay.n_offline : n_rows].cpu(),
-        "priorities": torch.from_numpy(leaves.copy()),
-        "max_priority": replay.max_priority,
-        **counters,
-        "rng": rng_state(env),
-        "episode": {**episode, "obs": torch.from_numpy(np.array(episode["obs"]))},
-    }
+    ckpt = {"format": FORMAT, "args": dataclasses.asdict(args), "members": learner.actor.members, **counters}
+    ckpt.update({name: getattr(learner, name).state_dict() for name in Learner.STATE})
+    ckpt.update(log_alpha=learner.log_alpha.detach().cpu(), online=replay.rows[replay.n_offline : n_rows].cpu())
+    ckpt.update(priorities=torch.from_numpy(leaves.copy()), max_priority=replay.max_priority, rng=rng_state(env))
+    return {**ckpt, "episode": {**episode, "obs": torch.from_numpy(np.array(episode["obs"]))}}
 
 
-def restore_checkpoint(ckpt: dict, learner: Learner, replay: Replay, env, episode: dict, counters: dict, run_dir: str):
-    """Load what `checkpoint_dict` saved; drop the csv rows written after it (they are redone)."""
-    for k in Learner.STATE:
-        getattr(learner, k).load_state_dict(ckpt[k])
+def restore_checkpoint(ckpt: dict, learner, replay, env, episode: dict, counters: dict, run_dir: str) -> None:
+    for name in Learner.STATE:
+        getattr(learner, name).load_state_dict(ckpt[name])
     learner.log_alpha.data.copy_(ckpt["log_alpha"])
-    replay.n_online = len(ckpt["online"])
-    replay.max_priority = ckpt["max_priority"]
-    replay.rows[replay.n_offline : replay.n_offline + replay.n_online] = ckpt["online"].to(replay.device)
+    replay.add_online(ckpt["online"].numpy())
     replay.tree.update(np.arange(len(ckpt["priorities"])), ckpt["priorities"].numpy())
+    replay.max_priority = ckpt["max_priority"]
     counters.update({k: ckpt[k] for k in counters})
     episode.update(ckpt["episode"], obs=ckpt["episode"]["obs"].numpy())
     set_rng_state(ckpt["rng"], env)
-    trim_rows(os.path.join(run_dir, "evals.csv"), counters["evals"])  # the rows after the checkpoint are redone
-    trim_rows(os.path.join(run_dir, "train.csv"), counters["epoch"])
-    print(f"resumed at {counters['env_steps']} env steps")
-
-
-def trim_rows(path: str, rows: int) -> None:
-    """--resume: keep the header and the first `rows` rows of a csv file, those written before the checkpoint."""
-    if os.path.exists(path):
-        lines = open(path).readlines()
-        with open(path, "w") as f:
-            f.writelines(lines[: rows + 1])
+    for name, rows in (("evals.csv", counters["evals"]), ("train.csv", counters["epoch"])):  # later rows are redone
+        if os.path.exists(path := os.path.join(run_dir, name)):
+            lines = open(path).readlines()
+            with open(path, "w") as f:
+                f.writelines(lines[: rows + 1])
 
 
 # =====================================================================================
