@@ -1,16 +1,22 @@
 """Speed of one off2on_finetune.py iteration at paper size: one env step with the ensemble policy, one
 density-ratio step, one SAC step of the N-member ensemble, one priority update of the sum-tree.
 
-Compares, in the same process and on the same machine (interleaved repeats, median it/s):
+Compares, in the same process and on the same machine (implementations alternate round by round, A B A B;
+each row gives the median and the range over the rounds):
   vectorized  off2on_finetune.py as it is: each layer of the ensemble is one batched matmul;
   loop        the same iteration with every ensemble layer computed member by member (N separate
-              weight tensors per layer, one matmul each, as N separate nn.Linear MLPs would do).
-Both use the same code path (off2on_finetune.act / train_step); only the layers differ, and they start
-from identical weights (checked). Then a profile of the vectorized iteration by timed sections.
+              weight tensors per layer, one matmul each, as N separate nn.Linear MLPs would do);
+and optionally the vectorized iteration with the previous plain layers (--plain-layers), under bf16 autocast
+(--bf16), or through the script's --compile path (--compile; on CUDA the update runs as CUDA graphs).
+All start from identical weights (checked) and run the same code (off2on_finetune.act / train_step).
+Achieved GFLOP/s use the iteration's matmul FLOPs counted analytically (iteration_flops, checked against
+torch.utils.flop_counter in tests/test_gpu_check.py), against the fp32 matmul peak measured in the same
+run; "matmuls alone" times the very matmul calls of one iteration without anything else. Then a profile
+of the vectorized iteration by timed sections.
 
-    python benchmarks/finetune_speed.py                  # CPU (or CUDA when available), paper size
-    python benchmarks/finetune_speed.py --device cuda
-    python benchmarks/finetune_speed.py --offline-size 20000 --iters 20 --repeats 1   # quick check
+    python benchmarks/finetune_speed.py --threads 1 --cpu-time        # CPU: one core, CPU time (docs/speed.md)
+    python benchmarks/finetune_speed.py --device cuda --compile
+    python benchmarks/finetune_speed.py --offline-size 20000 --iters 5 --rounds 1   # quick check
 """
 
 import copy
@@ -27,6 +33,9 @@ import torch.nn as nn
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cql_ensemble_speed as cqs  # noqa: E402
+
 import off2on_finetune as ft  # noqa: E402
 
 
@@ -44,16 +53,54 @@ class Args:
     """RL batch (and each half of the density-ratio batch)"""
     offline_size: int = 1_000_000
     """offline transitions in the prioritized buffer (D4RL halfcheetah-medium: 1M)"""
-    iters: int = 200
-    """timed iterations per repeat and implementation"""
-    warmup: int = 20
-    """untimed iterations before timing"""
-    repeats: int = 3
-    """interleaved repeats (the median is reported)"""
+    iters: int = 20
+    """timed iterations per implementation and round"""
+    warmup: int = 5
+    """untimed iterations of each implementation first"""
+    rounds: int = 7
+    """rounds; each times every implementation once, in turn"""
+    loop: bool = True
+    """also time the member-by-member loop (--no-loop: skip it)"""
+    plain_layers: bool = False
+    """also time the vectorized iteration with plain layers (every layer one baddbmm, ReLU out of place)"""
+    bf16: bool = False
+    """also time the vectorized iteration with the SAC losses under bf16 autocast (the ratio step stays fp32)"""
+    compile: bool = False
+    """also time the script's --compile path (torch.compile of the SAC losses; on CUDA, CUDA graphs)"""
+    keep_freed_memory: bool = True
+    """on CPU, keep freed memory in the heap as off2on_finetune.py does (--no-keep-freed-memory: glibc's default)"""
+    profile: bool = True
+    """end with a profile of the vectorized iteration by timed sections"""
+    op_profile: bool = False
+    """and with torch.profiler's per-op self time of the vectorized iteration (the ops above 1%)"""
     threads: int = 0
     """torch intra-op threads (0 = torch's default)"""
+    cpu_time: bool = False
+    """time with the process's CPU time (CPU, --threads 1 only): robust to other load on a shared machine"""
+    peak_size: int = 2048
+    """matrix size of the fp32 matmul peak measurement"""
     seed: int = 0
     """seed"""
+
+
+def iteration_flops(n: int, b: int, obs: int, act: int, h: int, ratio_hidden: int = 256, balanced: bool = True) -> int:
+    """Matmul FLOPs (2 per multiply-add) of one iteration: env step, density-ratio step (balanced replay),
+    SAC step of the N members. wg = weight gradient, ig = input gradient (each costs the layer's forward)."""
+    p = obs + act
+    actor = obs * h + h * h + 2 * h * act
+    critic = p * h + h * h + h
+    sac = (
+        n * b * actor  # a' ~ pi_ens(s'): every actor at s', no grad
+        + 2 * n * b * critic  # target critics at (s', a'), no grad
+        + 2 * n * b * (2 * critic + h * h + h)  # critics at (s, a): fwd + wg, ig of layers 2 and 3
+        + n * b * (2 * actor + h * h + 2 * h * act)  # a ~ pi_ens(s): fwd + wg, ig of all but the first layer
+        + 2 * n * b * 2 * critic  # frozen critics at (s, a~): fwd + ig of every layer (a~ needs its gradient)
+    )
+    r = ratio_hidden
+    ratio_net = p * r + r * r + r
+    ratio = 2 * b * (2 * ratio_net + r * r + r) + b * ratio_net if balanced else 0  # + priorities of the batch
+    env = n * actor  # the exploration action: every actor at one observation
+    return 2 * (sac + ratio + env)
 
 
 class LoopLinear(nn.Module):
@@ -93,31 +140,37 @@ def fake_data(m: int, obs_dim: int, act_dim: int, rng) -> dict:
     }
 
 
-class Setup:
-    """One learner + replay buffer + env; `iterate(k)` runs k full iterations."""
+def learner(obs_dim: int, act_dim: int, members: int, hidden: int, fargs, device, seed: int, loop: bool):
+    """A fresh learner (seeded: equal weights for every `loop` value); loop: member-by-member layers."""
+    torch.manual_seed(seed)
+    actor = ft.EnsembleActor(obs_dim, act_dim, members, hidden).to(device)
+    critic = ft.EnsembleCritic(obs_dim, act_dim, members, hidden).to(device)
+    lr = ft.make_learner(actor, critic, fargs.lr)
+    if not loop:
+        return lr
+    actor, critic, target = looped(lr.actor), looped(lr.critic), looped(lr.critic_target)
+    sac_params = [*actor.parameters(), *critic.parameters(), lr.log_alpha]
+    sac_opt = torch.optim.Adam(sac_params, lr=fargs.lr, fused=True)
+    return ft.Learner(actor, critic, target, lr.log_alpha, lr.ratio, sac_opt, lr.ratio_opt)
 
-    def __init__(self, args: Args, fargs: ft.Args, loop: bool, device, data: dict, capacity: int):
-        torch.manual_seed(args.seed)
-        env = gym.make(ft.ENVS[args.env])
-        od, ad = env.observation_space.shape[0], env.action_space.shape[0]
-        actor = ft.EnsembleActor(od, ad, args.members, args.hidden).to(device)
-        critic = ft.EnsembleCritic(od, ad, args.members, args.hidden).to(device)
-        lr = ft.make_learner(actor, critic, fargs.lr)
-        if loop:
-            actor, critic, target = looped(lr.actor), looped(lr.critic), looped(lr.critic_target)
-            sac_params = [*actor.parameters(), *critic.parameters(), lr.log_alpha]
-            lr = ft.Learner(
-                actor,
-                critic,
-                target,
-                lr.log_alpha,
-                lr.ratio,
-                torch.optim.Adam(sac_params, lr=fargs.lr, fused=True),
-                lr.ratio_opt,
-            )
-        self.lr, self.env, self.fargs, self.device = lr, env, fargs, device
+
+class Setup:
+    """One learner + replay buffer + env; `iterate(k)` runs k full iterations (env step + train step).
+    mode: "eager" (train_step), "graph" (off2on_finetune.GraphedTrainStep: CUDA graphs on CUDA) or
+    "compile" (GraphedTrainStep with torch.compile'd losses: the script's --compile path);
+    loss_fn: the SAC losses (e.g. bf16_losses)."""
+
+    def __init__(self, lr, env_name, fargs, device, data, capacity, seed, mode="eager", loss_fn=ft.sac_losses):
+        self.lr, self.fargs, self.device = lr, fargs, device
+        self.env = gym.make(ft.ENVS[env_name])
         self.buf = ft.Replay(data, capacity, device, fargs.init_online_fraction)
-        self.obs, _ = env.reset(seed=args.seed)
+        if mode == "eager":
+            self.step = lambda: ft.train_step(self.lr, self.buf, self.fargs, loss_fn)
+        else:
+            self.step = ft.GraphedTrainStep(
+                lr, self.buf, fargs, torch.compile(loss_fn) if mode == "compile" else loss_fn
+            )
+        self.obs, _ = self.env.reset(seed=seed)
         self.staged = []
         self.step_env(1000)  # the first epoch's online rows, so the ratio net has online data
         self.flush()
@@ -135,68 +188,112 @@ class Setup:
             self.staged = []
 
     def iterate(self, k: int) -> None:
-        for i in range(k):
+        for _ in range(k):
             self.step_env(1)
-            ft.train_step(self.lr, self.buf, self.fargs)
+            self.step()
             if len(self.staged) == 250:  # the script adds an epoch's rows at once; amortized the same
                 self.flush()
 
 
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def bf16_losses(*args):
+    """off2on_finetune.sac_losses under bf16 autocast (its matmuls in bfloat16; the backward follows)."""
+    device_type = args[0].mu.weight.device.type
+    with torch.autocast(device_type, torch.bfloat16, cache_enabled=False):
+        return ft.sac_losses(*args)
 
 
-def timed(fn, device) -> float:
-    sync(device)
-    t = time.perf_counter()
+def timed(fn, device, clock=time.perf_counter) -> float:
+    cqs.sync(device)
+    t = clock()
     fn()
-    sync(device)
-    return time.perf_counter() - t
+    cqs.sync(device)
+    return clock() - t
 
 
 def main(args: Args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = ft.pick_device(args.device)
+    if args.cpu_time and (device.type != "cpu" or torch.get_num_threads() != 1):
+        raise SystemExit("error: --cpu-time needs --device cpu --threads 1")
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    if device.type == "cpu" and args.keep_freed_memory:
+        ft.keep_freed_memory()
     env = gym.make(ft.ENVS[args.env])
     od, ad = env.observation_space.shape[0], env.action_space.shape[0]
-    rng = np.random.default_rng(args.seed)
-    data = fake_data(args.offline_size, od, ad, rng)
+    data = fake_data(args.offline_size, od, ad, np.random.default_rng(args.seed))
     fargs = ft.Args(batch_size=args.batch_size)
-    per_setup = 1000 + (args.warmup + args.iters * args.repeats) * 2 + 1000
-    setups = {name: Setup(args, fargs, name == "loop", device, data, per_setup) for name in ("vectorized", "loop")}
-    with torch.no_grad():  # both start from the same weights and compute the same functions
-        o = torch.randn(args.members, 7, od, device=device)
-        a = torch.rand(2 * args.members, 7, ad, device=device) * 2 - 1
-        vec, loop = setups["vectorized"].lr, setups["loop"].lr
-        torch.testing.assert_close(vec.actor(o)[0], loop.actor(o)[0])
-        torch.testing.assert_close(vec.critic(o.repeat(2, 1, 1), a), loop.critic(o.repeat(2, 1, 1), a))
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu} ({os.cpu_count()} cores)"
+    capacity = 2000 + args.warmup + 2 * args.iters * (args.rounds + 1)  # online rows each setup may add
+
+    def setup(loop: bool = False, mode: str = "eager", loss_fn=ft.sac_losses) -> Setup:
+        lr = learner(od, ad, args.members, args.hidden, fargs, device, args.seed, loop)
+        return Setup(lr, args.env, fargs, device, data, capacity, args.seed, mode, loss_fn)
+
+    setups = {"vectorized": setup()}
+    if args.loop:
+        setups["loop"] = setup(loop=True)
+        with torch.no_grad():  # both start from the same weights and compute the same functions
+            o = torch.randn(args.members, 7, od, device=device)
+            a = torch.rand(2 * args.members, 7, ad, device=device) * 2 - 1
+            vec, loop = setups["vectorized"].lr, setups["loop"].lr
+            torch.testing.assert_close(vec.actor(o)[0], loop.actor(o)[0])
+            torch.testing.assert_close(vec.critic(o.repeat(2, 1, 1), a), loop.critic(o.repeat(2, 1, 1), a))
+    fns = {name: s.iterate for name, s in setups.items()}  # name -> fn(k): k iterations
+    if args.plain_layers:
+        plain = setup()
+
+        def plain_iterate(k: int) -> None:
+            with cqs.plain_layers(ft, plain.lr.actor, plain.lr.critic, plain.lr.critic_target):
+                plain.iterate(k)
+
+        fns["plain layers (before)"] = plain_iterate
+    if args.bf16:
+        fns["bf16 autocast (SAC losses)"] = setup(loss_fn=bf16_losses).iterate
+    if args.compile:
+        fns["--compile"] = setup(mode="compile").iterate
+
+    flops = iteration_flops(args.members, args.batch_size, od, ad, args.hidden)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cqs.cpu_name()
     print(
-        f"device: {name}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        f"load average {os.getloadavg()[0]:.1f}"
+        f"device: {name}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{'CPU' if args.cpu_time else 'wall'} time; load average {os.getloadavg()[0]:.1f}"
     )
     print(
         f"size: N={args.members}, hidden {args.hidden}x2, batch {args.batch_size}, {args.env} "
-        f"(obs {od}, act {ad}), {args.offline_size} offline transitions in the sum-tree"
+        f"(obs {od}, act {ad}), {args.offline_size} offline transitions in the sum-tree; "
+        f"{flops / 1e9:.2f} GFLOP (matmul) per iteration; fp32 mm peak: {args.peak_size}^3 mm, timed in every round",
+        flush=True,
     )
-    for s in setups.values():
-        s.iterate(args.warmup)
-    rates = {k: [] for k in setups}
-    for _ in range(args.repeats):
-        for k, s in setups.items():
-            rates[k].append(args.iters / timed(lambda: s.iterate(args.iters), device))
-    med = {k: statistics.median(v) for k, v in rates.items()}
-    print("| implementation | iterations/s (median) | all repeats | 250k online steps |\n|---|---|---|---|")
-    for k in setups:
-        print(f"| {k} | {med[k]:.1f} | {', '.join(f'{r:.1f}' for r in rates[k])} | {254_000 / med[k] / 3600:.1f} h |")
-    print(f"speed-up of the vectorized iteration over the loop: {med['vectorized'] / med['loop']:.2f}x")
+    vec_setup = setups["vectorized"]
+    alone = "its matmuls alone (same calls)"
+    replay = cqs.matmuls_replay(lambda: vec_setup.iterate(1), device)
+    for fn in fns.values():
+        fn(args.warmup)
+    timing = {name: (lambda fn=fn: fn(args.iters), 1) for name, fn in fns.items()}
+    timing[alone] = (replay, args.iters)
+    timing[cqs.PEAK] = (cqs.peak_mm(device, args.peak_size), 3)
+    rates = cqs.interleaved(timing, args.rounds, device, clock)
+    units = {**dict.fromkeys(fns, args.iters), alone: 1, cqs.PEAK: 1}
+    flops_of = {**dict.fromkeys(fns, flops), alone: flops, cqs.PEAK: 2 * args.peak_size**3}
+    share = cqs.print_table(rates, flops_of, units, "iterations", 254_000, "250k online steps")
+    print(f"ratio: vectorized iteration at {share['vectorized']:.0f}% of the fp32 mm peak (target >= 60% on one core)")
+    to_alone = statistics.median(v * args.iters / a for v, a in zip(rates["vectorized"], rates[alone]))
+    print(f"ratio: its matmuls alone at {share[alone]:.0f}% of the peak; the iteration at {100 * to_alone:.0f}% of")
+    print("       its matmuls-alone speed (the rest of its time is what is not a matmul)")
+    for k in fns:
+        if k != "vectorized":
+            ratio = statistics.median(v / w for v, w in zip(rates["vectorized"], rates[k]))
+            print(f"ratio: vectorized / {k} = {ratio:.2f}x (median of the rounds' ratios)")
+    if args.profile:
+        profile(vec_setup, fargs, args, device, clock)
+    if args.op_profile:
+        cqs.op_profile(lambda: vec_setup.iterate(1), calls=10)
 
-    # profile of the vectorized iteration: sections timed separately (each synchronized), interleaved over
-    # the repeats, median of each (the machine is shared: single measurements are noisy)
-    s, n = setups["vectorized"], args.iters
+
+def profile(s: Setup, fargs, args: Args, device, clock) -> None:
+    """Sections of the vectorized iteration timed separately (each synchronized), interleaved over the
+    rounds, median of each (on a shared machine single measurements are noisy)."""
+    n = args.iters
     idx, _ = s.buf.sample_rl(args.batch_size, "balanced")
     prio = np.random.default_rng(0).uniform(0.5, 2.0, args.batch_size)
     uniform = ft.Args(batch_size=args.batch_size, replay="uniform")
@@ -212,9 +309,9 @@ def main(args: Args) -> None:
         "full update (balanced)": lambda: [ft.train_step(s.lr, s.buf, fargs) for _ in range(n)],
     }
     times = {k: [] for k in sections}
-    for _ in range(args.repeats):
+    for _ in range(args.rounds):
         for k, fn in sections.items():
-            times[k].append(timed(fn, device) / n)
+            times[k].append(timed(fn, device, clock) / n)
             s.flush()
     parts = {k: statistics.median(v) for k, v in times.items()}
     full = parts.pop("full update (balanced)")

@@ -88,7 +88,7 @@ def test_pessimism_on_narrow_data():
     args = cq.Args(members=2, hidden=32, batch_size=64, bc_steps=20)
     agent = cq.Agent(obs_dim, act_dim, 2, 32, args, "cpu")
     for step in range(300):
-        cq.update(agent, cq.sample(data, 2, 64), step < args.bc_steps, args)
+        cq.update(agent, data, step < args.bc_steps, args)
     with torch.no_grad():
         s = data["observations"][:500].expand(4, -1, -1)
         q_data = agent.critic(s, data["actions"][:500].expand(4, -1, -1)).mean(1)
