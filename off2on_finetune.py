@@ -19,7 +19,6 @@ Run: python off2on_finetune.py --env hopper --dataset medium-replay [--replay un
 """
 
 import copy
-import ctypes
 import dataclasses
 import functools
 import json
@@ -373,11 +372,9 @@ class GraphedUpdate:  # update() as two CUDA graphs (--compile on CUDA); on a CP
         self.args = args
         self.loss_fn = loss_fn
         self.cuda = replay.rows.device.type == "cuda"
-        self.idx_host = torch.zeros(args.batch_size, dtype=torch.long, pin_memory=self.cuda)  # indices in
-        self.prio_host = torch.zeros(args.batch_size, pin_memory=self.cuda)  # priorities out
+        self.idx_host = torch.zeros(args.batch_size, dtype=torch.long, pin_memory=self.cuda)  # copied in asynchronously
         self.idx = torch.zeros(args.batch_size, dtype=torch.long, device=replay.rows.device)
         self.n_online = torch.zeros((), dtype=torch.long, device=replay.rows.device)
-        self.ratio_done = torch.cuda.Event() if self.cuda else None
         self.ratio_graph = CudaGraph(self.ratio_part) if self.cuda else self.ratio_part
         self.sac_graph = CudaGraph(self.sac_part) if self.cuda else self.sac_part
 
@@ -402,18 +399,14 @@ class GraphedUpdate:  # update() as two CUDA graphs (--compile on CUDA); on a CP
         self.n_online.fill_(replay.n_online)
         if self.args.replay == "balanced":
             idx = replay.tree.sample(self.args.batch_size)
-            self.idx_host.numpy()[:] = idx  # safe: the host waited (ratio_done) for the last copy from it
+            self.idx_host.numpy()[:] = idx  # free: the host waited for the last graph 1, after its last copy
             self.idx.copy_(self.idx_host, non_blocking=True)
             prio, ratio_stats = self.ratio_graph()
-            self.prio_host.copy_(prio, non_blocking=True)
-            if self.cuda:
-                self.ratio_done.record()
+            prio = prio.cpu().numpy()  # waits for graph 1 only: graph 2 is launched next
         stats = self.sac_graph()
-        if self.args.replay == "balanced":
-            if self.cuda:
-                self.ratio_done.synchronize()  # graph 1 and the copy out are done; graph 2 may still run
-            replay.tree.update(idx, self.prio_host.numpy())
-            replay.max_priority = max(replay.max_priority, float(self.prio_host.max()))
+        if self.args.replay == "balanced":  # the sum-tree is written while graph 2 runs
+            replay.tree.update(idx, prio)
+            replay.max_priority = max(replay.max_priority, float(prio.max()))
             stats = {**stats, **ratio_stats}
         return {k: v.clone() for k, v in stats.items()}  # the graphs' outputs are overwritten by the next replay
 
@@ -455,8 +448,6 @@ def main(args: Args) -> None:
     logger = Logger(args, run_dir, SCRIPT)
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     print(f"run dir: {run_dir}\ncheckpoint: {ckpt_path}")
-    if device.type == "cpu":
-        keep_freed_memory()
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     loss_fn = torch.compile(sac_losses) if args.compile else sac_losses
     update_fn = functools.partial(update, learner, replay, args, loss_fn)
@@ -582,17 +573,6 @@ def restore_checkpoint(ckpt: dict, learner, replay, env, episode: dict, counters
             lines = open(path).readlines()
             with open(path, "w") as f:
                 f.writelines(lines[: rows + 1])
-
-
-def keep_freed_memory() -> None:
-    """CPU speed: glibc returns each freed block over 32 MB to the OS and page-faults the next one in again: keeping
-    freed memory makes paper-size updates of off2on_cql_ensemble.py ~1.4x faster, of off2on_finetune.py ~1.1x."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0)  # M_MMAP_MAX = 0
-        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD = max
-    except (OSError, AttributeError):
-        pass
 
 
 # =====================================================================================
