@@ -92,7 +92,8 @@ def update_flops(n: int, b: int, k: int, obs: int, act: int, h: int, bc: bool = 
 @contextlib.contextmanager
 def plain_layers(module_of_layers, *nets):
     """Within: every VectorizedLinear of `module_of_layers` (a script module) is one torch.baddbmm (also the
-    one-output layers, which otherwise use VectorizedGemv) and the ReLUs of `nets` compute out of place."""
+    one-output layers, which otherwise use VectorizedGemv) and the ReLU modules of `nets` compute out of place
+    (the actors' last ReLU, a relu_() call in EnsembleActor.forward, stays in place)."""
     layer = module_of_layers.VectorizedLinear
     forward = layer.forward
     relus = [m for net in nets for m in net.modules() if isinstance(m, torch.nn.ReLU)]
@@ -250,7 +251,7 @@ def synthetic_data(m: int, obs_dim: int, act_dim: int, device) -> dict:
 
 
 def main(bench: Bench) -> None:
-    device = cq.pick_device(bench.device)
+    device = pick_device(bench.device)
     if bench.threads > 0:
         torch.set_num_threads(bench.threads)
     if bench.cpu_time and (device.type != "cpu" or torch.get_num_threads() != 1):
@@ -261,7 +262,9 @@ def main(bench: Bench) -> None:
     data = synthetic_data(100_000, bench.obs_dim, bench.act_dim, device)
     if device.type == "cpu" and bench.keep_freed_memory:
         cq.keep_freed_memory()
+    # compile=True builds the Adams capturable on CUDA (the --compile variant runs in a CUDA graph); no other effect
     args = cq.Args(members=n, hidden=bench.hidden, batch_size=b, cql_samples=bench.cql_samples, bc_steps=0)
+    args.compile = bench.compile
 
     def make(size: int) -> cq.Agent:
         return cq.Agent(bench.obs_dim, bench.act_dim, size, bench.hidden, args, device)
@@ -279,40 +282,40 @@ def main(bench: Bench) -> None:
         "torch.mm, timed in every round",
         flush=True,
     )
-    fns = {"vectorized (one batched update)": lambda: cq.update(vec, cq.sample(data, n, b), False, args)}
+    fns = {"vectorized (one batched update)": lambda: cq.update(vec, data, False, args)}
     if bench.loop:
         loop = [make(1) for _ in range(n)]
 
         def loop_step():
             for agent in loop:
-                cq.update(agent, cq.sample(data, 1, b), False, args)
+                cq.update(agent, data, False, args)
 
         fns["member-by-member loop"] = loop_step
     if bench.plain_layers:
 
         def plain_step():
             with plain_layers(cq, vec.actor, vec.critic, vec.critic_target):
-                cq.update(vec, cq.sample(data, n, b), False, args)
+                cq.update(vec, data, False, args)
 
         fns["vectorized, plain layers (before)"] = plain_step
     if bench.bf16:
 
         def bf16_step():
             with torch.autocast(device.type, torch.bfloat16, cache_enabled=False):
-                cq.update(vec, cq.sample(data, n, b), False, args)
+                cq.update(vec, data, False, args)
 
         fns["vectorized, bf16 autocast"] = bf16_step
     if bench.compile:
         loss_fn = torch.compile(cq.losses)
 
         def compiled_step():
-            return cq.update(vec, cq.sample(data, n, b), False, args, loss_fn)
+            return cq.update(vec, data, False, args, loss_fn)
 
-        fns["vectorized + --compile"] = cq.CudaGraphStep(compiled_step, vec.opts, device)
+        fns["vectorized + --compile"] = cq.CudaGraph(compiled_step) if device.type == "cuda" else compiled_step
     main_label, alone = "vectorized (one batched update)", "its matmuls alone (same calls)"
     fns[alone] = matmuls_replay(fns[main_label], device)
     for fn in fns.values():
-        for _ in range(bench.warmup):
+        for _ in range(max(bench.warmup, 4 if bench.compile else 0)):  # a CUDA graph is captured at call 4
             fn()
     timing = {name: (fn, bench.updates) for name, fn in fns.items()}
     timing[PEAK] = (peak_mm(device, bench.peak_size), 3)
@@ -329,6 +332,10 @@ def main(bench: Bench) -> None:
             print(f"ratio: vectorized / {name} = {ratio:.2f}x (median of the rounds' ratios)")
     if bench.op_profile:
         op_profile(fns[main_label])
+
+
+def pick_device(name: str) -> torch.device:  # auto: cuda if available, else cpu
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 def cpu_name() -> str:

@@ -8,7 +8,7 @@ each row gives the median and the range over the rounds):
               weight tensors per layer, one matmul each, as N separate nn.Linear MLPs would do);
 and optionally the vectorized iteration with the previous plain layers (--plain-layers), under bf16 autocast
 (--bf16), or through the script's --compile path (--compile; on CUDA the update runs as CUDA graphs).
-All start from identical weights (checked) and run the same code (off2on_finetune.act / train_step).
+All start from identical weights (checked) and run the same code (off2on_finetune.act / update).
 Achieved GFLOP/s use the iteration's matmul FLOPs counted analytically (iteration_flops, checked against
 torch.utils.flop_counter in tests/test_gpu_check.py), against the fp32 matmul peak measured in the same
 run; "matmuls alone" times the very matmul calls of one iteration without anything else. Then a profile
@@ -67,8 +67,9 @@ class Args:
     """also time the vectorized iteration with the SAC losses under bf16 autocast (the ratio step stays fp32)"""
     compile: bool = False
     """also time the script's --compile path (torch.compile of the SAC losses; on CUDA, CUDA graphs)"""
-    keep_freed_memory: bool = True
-    """on CPU, keep freed memory in the heap as off2on_finetune.py does (--no-keep-freed-memory: glibc's default)"""
+    keep_freed_memory: bool = False
+    """on CPU, keep freed memory in the heap as off2on_cql_ensemble.py does (off2on_finetune.py does not: no
+    measurable gain, docs/speed.md)"""
     profile: bool = True
     """end with a profile of the vectorized iteration by timed sections"""
     op_profile: bool = False
@@ -141,23 +142,24 @@ def fake_data(m: int, obs_dim: int, act_dim: int, rng) -> dict:
 
 
 def learner(obs_dim: int, act_dim: int, members: int, hidden: int, fargs, device, seed: int, loop: bool):
-    """A fresh learner (seeded: equal weights for every `loop` value); loop: member-by-member layers."""
+    """A fresh learner (seeded: equal weights for every `loop` value); loop: member-by-member layers. Its Adams
+    are capturable on CUDA (the CUDA-graph variants need it; the fused kernel is the same)."""
     torch.manual_seed(seed)
     actor = ft.EnsembleActor(obs_dim, act_dim, members, hidden).to(device)
     critic = ft.EnsembleCritic(obs_dim, act_dim, members, hidden).to(device)
-    lr = ft.make_learner(actor, critic, fargs.lr)
-    if not loop:
-        return lr
-    actor, critic, target = looped(lr.actor), looped(lr.critic), looped(lr.critic_target)
-    sac_params = [*actor.parameters(), *critic.parameters(), lr.log_alpha]
-    sac_opt = torch.optim.Adam(sac_params, lr=fargs.lr, fused=True)
-    return ft.Learner(actor, critic, target, lr.log_alpha, lr.ratio, sac_opt, lr.ratio_opt)
+    learner = ft.Learner(actor, critic, fargs.lr, capturable=device.type == "cuda")
+    if loop:
+        learner.actor, learner.critic = looped(learner.actor), looped(learner.critic)
+        learner.critic_target = looped(learner.critic_target)
+        sac_params = [*learner.actor.parameters(), *learner.critic.parameters(), learner.log_alpha]
+        learner.sac_opt = torch.optim.Adam(sac_params, lr=fargs.lr, fused=True, capturable=device.type == "cuda")
+    return learner
 
 
 class Setup:
     """One learner + replay buffer + env; `iterate(k)` runs k full iterations (env step + train step).
-    mode: "eager" (train_step), "graph" (off2on_finetune.GraphedTrainStep: CUDA graphs on CUDA) or
-    "compile" (GraphedTrainStep with torch.compile'd losses: the script's --compile path);
+    mode: "eager" (off2on_finetune.update), "graph" (off2on_finetune.GraphedUpdate: CUDA graphs on CUDA) or
+    "compile" (GraphedUpdate with torch.compile'd losses: the script's --compile path);
     loss_fn: the SAC losses (e.g. bf16_losses)."""
 
     def __init__(self, lr, env_name, fargs, device, data, capacity, seed, mode="eager", loss_fn=ft.sac_losses):
@@ -165,11 +167,9 @@ class Setup:
         self.env = gym.make(ft.ENVS[env_name])
         self.buf = ft.Replay(data, capacity, device, fargs.init_online_fraction)
         if mode == "eager":
-            self.step = lambda: ft.train_step(self.lr, self.buf, self.fargs, loss_fn)
+            self.step = lambda: ft.update(self.lr, self.buf, self.fargs, loss_fn)
         else:
-            self.step = ft.GraphedTrainStep(
-                lr, self.buf, fargs, torch.compile(loss_fn) if mode == "compile" else loss_fn
-            )
+            self.step = ft.GraphedUpdate(lr, self.buf, fargs, torch.compile(loss_fn) if mode == "compile" else loss_fn)
         self.obs, _ = self.env.reset(seed=seed)
         self.staged = []
         self.step_env(1000)  # the first epoch's online rows, so the ratio net has online data
@@ -197,7 +197,7 @@ class Setup:
 
 def bf16_losses(*args):
     """off2on_finetune.sac_losses under bf16 autocast (its matmuls in bfloat16; the backward follows)."""
-    device_type = args[0].mu.weight.device.type
+    device_type = args[0].log_alpha.device.type
     with torch.autocast(device_type, torch.bfloat16, cache_enabled=False):
         return ft.sac_losses(*args)
 
@@ -213,12 +213,12 @@ def timed(fn, device, clock=time.perf_counter) -> float:
 def main(args: Args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = ft.pick_device(args.device)
+    device = cqs.pick_device(args.device)
     if args.cpu_time and (device.type != "cpu" or torch.get_num_threads() != 1):
         raise SystemExit("error: --cpu-time needs --device cpu --threads 1")
     clock = time.process_time if args.cpu_time else time.perf_counter
     if device.type == "cpu" and args.keep_freed_memory:
-        ft.keep_freed_memory()
+        cqs.cq.keep_freed_memory()
     env = gym.make(ft.ENVS[args.env])
     od, ad = env.observation_space.shape[0], env.action_space.shape[0]
     data = fake_data(args.offline_size, od, ad, np.random.default_rng(args.seed))
@@ -294,19 +294,15 @@ def profile(s: Setup, fargs, args: Args, device, clock) -> None:
     """Sections of the vectorized iteration timed separately (each synchronized), interleaved over the
     rounds, median of each (on a shared machine single measurements are noisy)."""
     n = args.iters
-    idx, _ = s.buf.sample_rl(args.batch_size, "balanced")
+    idx, _ = s.buf.sample(args.batch_size, "balanced")
     prio = np.random.default_rng(0).uniform(0.5, 2.0, args.batch_size)
     uniform = ft.Args(batch_size=args.batch_size, replay="uniform")
     sections = {
         "env step (ensemble policy sample + MuJoCo)": lambda: s.step_env(n),
-        "sum-tree sample + gather of the batch": lambda: [
-            s.buf.sample_rl(args.batch_size, "balanced") for _ in range(n)
-        ],
+        "sum-tree sample + gather of the batch": lambda: [s.buf.sample(args.batch_size, "balanced") for _ in range(n)],
         "sum-tree priority update": lambda: [s.buf.tree.update(idx, prio) for _ in range(n)],
-        "SAC step of the ensemble (incl. uniform sample)": lambda: [
-            ft.train_step(s.lr, s.buf, uniform) for _ in range(n)
-        ],
-        "full update (balanced)": lambda: [ft.train_step(s.lr, s.buf, fargs) for _ in range(n)],
+        "SAC step of the ensemble (incl. uniform sample)": lambda: [ft.update(s.lr, s.buf, uniform) for _ in range(n)],
+        "full update (balanced)": lambda: [ft.update(s.lr, s.buf, fargs) for _ in range(n)],
     }
     times = {k: [] for k in sections}
     for _ in range(args.rounds):

@@ -17,7 +17,7 @@ rolled out here.
    draws come from the same numpy seed): max absolute and relative differences of the losses, the
    gradients and the updated weights, in fp32 with TF32 off, with TF32 on, and under bf16 autocast. Then
    the scripts' graph path against eager on the device, from identical states and CUDA RNG states: the
-   CUDA-graph update (CudaGraphStep, GraphedTrainStep) and the --compile path (torch.compile inside the
+   CUDA-graph update (CudaGraph, GraphedUpdate) and the --compile path (torch.compile inside the
    graph, inductor's fallback_random so that it draws the eager numbers).
 3. speed at paper size (N = 5, 2x256, batch 256, K = 10, HalfCheetah 17/6, 1M offline rows in the sum-tree):
    CQL-ensemble updates/s and fine-tune iterations/s (env step + ratio step + ensemble SAC step + sum-tree
@@ -310,8 +310,15 @@ def compare(ref: dict, other: dict) -> dict:
 
 
 def cql_args(size: Size) -> cq.Args:
+    """compile=True: the Agent's Adams are built capturable on CUDA (the CUDA-graph variants need it; the fused
+    kernel is the same); update() itself does not read the flag."""
     return cq.Args(
-        members=size.members, hidden=size.hidden, batch_size=size.batch, cql_samples=size.cql_samples, bc_steps=0
+        members=size.members,
+        hidden=size.hidden,
+        batch_size=size.batch,
+        cql_samples=size.cql_samples,
+        bc_steps=0,
+        compile=True,
     )
 
 
@@ -328,7 +335,8 @@ def cql_named(agent: cq.Agent):
 
 
 def cql_once(size: Size, device, seed: int, use_tf32: bool, bf16: bool) -> dict:
-    """One CQL-ensemble update from the same agent and batch; the random draws from noise_from_cpu."""
+    """One CQL-ensemble update from the same agent and data; every random draw (the minibatch indices too) from
+    noise_from_cpu."""
     agent = cql_agent(size, "cpu", seed)
     if device.type != "cpu":
         moved = cq.Agent(size.obs, size.act, size.members, size.hidden, cql_args(size), device)
@@ -338,10 +346,9 @@ def cql_once(size: Size, device, seed: int, use_tf32: bool, bf16: bool) -> dict:
             moved.log_alpha.copy_(agent.log_alpha)
         agent = moved
     torch.manual_seed(seed + 1)
-    batch = cq.sample(cqs.synthetic_data(size.cql_rows, size.obs, size.act, "cpu"), size.members, size.batch)
-    batch = {k: v.to(device) for k, v in batch.items()}
-    with tf32(use_tf32), autocast(device, bf16), noise_from_cpu(seed + 2):
-        metrics = cq.update(agent, batch, False, cql_args(size))
+    data = {k: v.to(device) for k, v in cqs.synthetic_data(size.cql_rows, size.obs, size.act, "cpu").items()}
+    with tf32(use_tf32), autocast(device, bf16), noise_from_cpu(seed + 2):  # the minibatch indices too
+        metrics = cq.update(agent, data, False, cql_args(size))
     losses = {k: float(v) for k, v in metrics.items() if k.startswith("losses/")}
     return {"losses": losses, "grads": grads(cql_named(agent)), "weights": tensors(cql_named(agent))}
 
@@ -351,10 +358,12 @@ def ft_learner(size: Size, device, seed: int, fargs):
     torch.manual_seed(seed)
     actor = ft.EnsembleActor(size.obs, size.act, size.members, size.hidden)
     critic = ft.EnsembleCritic(size.obs, size.act, size.members, size.hidden)
-    lr = ft.make_learner(actor, critic, fargs.lr)
+    lr = ft.Learner(actor, critic, fargs.lr)
     if device.type == "cpu":
         return lr
-    moved = ft.make_learner(copy.deepcopy(actor).to(device), copy.deepcopy(critic).to(device), fargs.lr)
+    moved = ft.Learner(
+        copy.deepcopy(actor).to(device), copy.deepcopy(critic).to(device), fargs.lr, capturable=device.type == "cuda"
+    )
     moved.ratio.load_state_dict(lr.ratio.state_dict())
     moved.critic_target.load_state_dict(lr.critic_target.state_dict())
     return moved
@@ -376,23 +385,23 @@ def ft_buffer(size: Size, device, seed: int, fargs) -> ft.Replay:
 
 
 def ft_once(size: Size, device, seed: int, use_tf32: bool, bf16: bool) -> dict:
-    """One fine-tune train_step (balanced replay: ratio step, priorities, SAC step) from the same learner,
+    """One fine-tune update (balanced replay: ratio step, priorities, SAC step) from the same learner,
     buffer, sum-tree draws (numpy seed) and torch draws (noise_from_cpu)."""
     fargs = ft.Args(batch_size=size.batch)
     lr = ft_learner(size, device, seed, fargs)
     buf = ft_buffer(size, device, seed, fargs)
     np.random.seed(seed + 3)
     with tf32(use_tf32), noise_from_cpu(seed + 2):
-        stats = ft.train_step(lr, buf, fargs, fts.bf16_losses if bf16 else ft.sac_losses)
+        stats = ft.update(lr, buf, fargs, fts.bf16_losses if bf16 else ft.sac_losses)
     losses = {k: float(stats[k]) for k in ("critic_loss", "actor_loss", "ratio_loss")}
-    tree = buf.tree.nodes[buf.tree.start : buf.tree.start + buf.M + buf.n_online]
+    tree = buf.tree.nodes[buf.tree.start : buf.tree.start + buf.n_offline + buf.n_online]
     weights = tensors(ft_named(lr))
     weights["sum-tree priorities"] = torch.from_numpy(tree.copy())
     return {"losses": losses, "grads": grads(ft_named(lr)), "weights": weights}
 
 
 def cql_graph_pair(size: Size, device, seed: int, compiled: bool, steps: int = 5) -> list:
-    """Eager updates against the scripts' CUDA-graph path (CudaGraphStep; with torch.compile'd losses if
+    """Eager updates against the scripts' CUDA-graph path (CudaGraph; with torch.compile'd losses if
     `compiled`) from identical agents, every step from the same torch seed (CPU and CUDA generators):
     weight differences after each step past the warm-up (capture at step 4)."""
     args = cql_args(size)
@@ -401,13 +410,13 @@ def cql_graph_pair(size: Size, device, seed: int, compiled: bool, steps: int = 5
     loss_fn = torch.compile(cq.losses) if compiled else cq.losses
 
     def graphed_update():
-        return cq.update(graphed, cq.sample(data, size.members, size.batch), False, args, loss_fn)
+        return cq.update(graphed, data, False, args, loss_fn)
 
-    step = cq.CudaGraphStep(graphed_update, graphed.opts, device)
+    step = cq.CudaGraph(graphed_update) if device.type == "cuda" else graphed_update
     out = []
     for i in range(steps):
         torch.manual_seed(seed + 10 + i)
-        cq.update(eager, cq.sample(data, size.members, size.batch), False, args)
+        cq.update(eager, data, False, args)
         torch.manual_seed(seed + 10 + i)
         step()
         sync(device)
@@ -417,16 +426,16 @@ def cql_graph_pair(size: Size, device, seed: int, compiled: bool, steps: int = 5
 
 
 def ft_graph_pair(size: Size, device, seed: int, compiled: bool, steps: int = 5) -> list:
-    """off2on_finetune.GraphedTrainStep (CUDA graphs; torch.compile'd losses if `compiled`) against the
+    """off2on_finetune.GraphedUpdate (CUDA graphs; torch.compile'd losses if `compiled`) against the
     same object with its two graphs replaced by the plain eager functions, from identical learners and
     buffers, every step from the same numpy and torch seeds: weights and sum-tree after each step past the
     warm-up."""
     fargs = ft.Args(batch_size=size.batch)
     ref_lr, graph_lr = ft_learner(size, device, seed, fargs), ft_learner(size, device, seed, fargs)
-    ref = ft.GraphedTrainStep(ref_lr, ft_buffer(size, device, seed, fargs), fargs)
+    ref = ft.GraphedUpdate(ref_lr, ft_buffer(size, device, seed, fargs), fargs)
     ref.ratio_graph, ref.sac_graph = ref.ratio_part, ref.sac_part  # the same code, eager
     loss_fn = torch.compile(ft.sac_losses) if compiled else ft.sac_losses
-    graphed = ft.GraphedTrainStep(graph_lr, ft_buffer(size, device, seed, fargs), fargs, loss_fn)
+    graphed = ft.GraphedUpdate(graph_lr, ft_buffer(size, device, seed, fargs), fargs, loss_fn)
     out = []
     for i in range(steps):
         for run in (ref, graphed):
@@ -437,7 +446,7 @@ def ft_graph_pair(size: Size, device, seed: int, compiled: bool, steps: int = 5)
         if i >= 3:
             a = tensors(ft_named(ref_lr))
             b = tensors(ft_named(graph_lr))
-            leaves = {k: torch.from_numpy(r.buf.tree.nodes.copy()) for k, r in (("tree", ref), ("other", graphed))}
+            leaves = {k: torch.from_numpy(r.replay.tree.nodes.copy()) for k, r in (("tree", ref), ("other", graphed))}
             out.append(
                 {"step": i + 1, **compare(a, b), "sum_tree": compare({"t": leaves["tree"]}, {"t": leaves["other"]})}
             )
@@ -539,7 +548,7 @@ def cql_variants(device: torch.device, size: Size, check: Check) -> list:
     """(label, precision, make) of the CQL-ensemble speed variants; make() -> (step, cleanup-free)."""
     args = cql_args(size)
     data = cqs.synthetic_data(size.cql_rows, size.obs, size.act, device)
-    n, b = size.members, size.batch
+    n = size.members
 
     def vectorized(graph: bool, loss_fn=cq.losses, bf16: bool = False):
         def make():
@@ -547,9 +556,9 @@ def cql_variants(device: torch.device, size: Size, check: Check) -> list:
 
             def step():
                 with autocast(device, bf16):
-                    return cq.update(agent, cq.sample(data, n, b), False, args, loss_fn)
+                    return cq.update(agent, data, False, args, loss_fn)
 
-            return cq.CudaGraphStep(step, agent.opts, device) if graph else step
+            return cq.CudaGraph(step) if graph and device.type == "cuda" else step
 
         return make
 
@@ -559,9 +568,9 @@ def cql_variants(device: torch.device, size: Size, check: Check) -> list:
             agents = [cq.Agent(size.obs, size.act, 1, size.hidden, args, device) for _ in range(n)]
 
             def step():
-                return [cq.update(a, cq.sample(data, 1, b), False, args) for a in agents]
+                return [cq.update(a, data, False, args) for a in agents]
 
-            return cq.CudaGraphStep(step, [o for a in agents for o in a.opts], device) if graph else step
+            return cq.CudaGraph(step) if graph and device.type == "cuda" else step
 
         return make
 
@@ -810,11 +819,10 @@ def main(check: Check) -> int:
     e2e_s = check.e2e_s or (30.0 if check.quick else 150.0)
     report = Report(check.out, check)
     state = {"report": report}
-    try:
-        device = ft.pick_device(check.device)
-    except ft.InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+    if check.device not in ("auto", "cpu", "cuda") or (check.device == "cuda" and not torch.cuda.is_available()):
+        print(f"error: --device {check.device}: use auto, cpu, or cuda where a CUDA GPU is visible", file=sys.stderr)
         return 2
+    device = cqs.pick_device(check.device)
     size = QUICK if check.quick else PAPER
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 unless a variant asks for TF32

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -107,45 +108,88 @@ def test_cql_update_flops_equal_the_flop_counter(monkeypatch):
 def small_learner_and_buffer(replay_seed: int = 0, ratio_hidden: int = 12):
     n, od, ad, h = 2, 5, 2, 16
     torch.manual_seed(0)
-    lr = ft.make_learner(ft.EnsembleActor(od, ad, n, h), ft.EnsembleCritic(od, ad, n, h), 3e-4)
-    ratio = ft.density_ratio_net(od + ad, ratio_hidden)
-    lr = lr._replace(ratio=ratio, ratio_opt=torch.optim.Adam(ratio.parameters()))
+    learner = ft.Learner(ft.EnsembleActor(od, ad, n, h), ft.EnsembleCritic(od, ad, n, h), 3e-4)
+    learner.ratio = ft.density_ratio_net(od + ad, ratio_hidden)
+    learner.ratio_opt = torch.optim.Adam(learner.ratio.parameters())
     rng = np.random.default_rng(replay_seed)
-    buf = ft.Replay(fts.fake_data(50, od, ad, rng), 100, torch.device("cpu"), 0.5)
-    buf.add_online(rng.standard_normal((20, 2 * od + ad + 2)).astype(np.float32))
-    return lr, buf
+    replay = ft.Replay(fts.fake_data(50, od, ad, rng), 100, torch.device("cpu"), 0.5)
+    replay.add_online(rng.standard_normal((20, 2 * od + ad + 2)).astype(np.float32))
+    return learner, replay
 
 
 def test_finetune_iteration_flops_equal_the_flop_counter(monkeypatch):
     monkeypatch.setattr(ft.VectorizedLinear, "forward", baddbmm_layers)
-    lr, buf = small_learner_and_buffer()
+    learner, replay = small_learner_and_buffer()
     obs = np.random.default_rng(1).standard_normal((1, 5)).astype(np.float32)
-    for replay in ("balanced", "uniform"):
+    for mode in ("balanced", "uniform"):
         with FlopCounterMode(display=False) as counter:
-            ft.act(lr.actor, obs, False)
-            ft.train_step(lr, buf, ft.Args(batch_size=8, replay=replay))
-        assert counter.get_total_flops() == fts.iteration_flops(2, 8, 5, 2, 16, 12, replay == "balanced")
+            ft.act(learner.actor, obs, False)
+            ft.update(learner, replay, ft.Args(batch_size=8, replay=mode))
+        assert counter.get_total_flops() == fts.iteration_flops(2, 8, 5, 2, 16, 12, mode == "balanced")
 
 
-def test_graphed_train_step_on_cpu_samples_and_updates_like_train_step():
-    lr, buf = small_learner_and_buffer()
-    args = ft.Args(batch_size=64)
-    reference = ft.train_step(*small_learner_and_buffer(), args)
-    step = ft.GraphedTrainStep(lr, buf, args)
-    for _ in range(3):
-        np.random.seed(1)
-        idx = buf.tree.sample(args.batch_size)  # the draw the step is about to make
-        np.random.seed(1)
-        stats = step()
-        assert stats.keys() == reference.keys()
-        leaves = buf.tree.nodes[buf.tree.start + idx]
-        np.testing.assert_allclose(leaves, step.prio_host.numpy(), rtol=1e-6)  # the batch's new priorities
-        assert buf.max_priority >= leaves.max()
-    assert stats["online_fraction"] == (idx >= buf.M).mean()
-    for replay, low in (("online-only", buf.M), ("uniform", 0)):
-        step = ft.GraphedTrainStep(lr, buf, ft.Args(batch_size=4000, replay=replay))
+def state_of(learner, replay) -> list:
+    nets = [learner.actor, learner.critic, learner.critic_target, learner.ratio]
+    return [p.detach().clone() for net in nets for p in net.parameters()] + [torch.from_numpy(replay.tree.nodes.copy())]
+
+
+@pytest.mark.parametrize("mode", ["balanced", "uniform", "online-only"])
+def test_graphed_update_on_cpu_is_update(mode):
+    """GraphedUpdate (its graphs run eagerly on a CPU) takes the same steps as update(): with the uniform draws of
+    update() in place of its device-count draws, the same weights, sum-tree, max priority and statistics."""
+    args = ft.Args(batch_size=64, replay=mode)
+    eager = small_learner_and_buffer()
+    graphed = small_learner_and_buffer()
+    step = ft.GraphedUpdate(*graphed, args)
+    step.draw = lambda lo, count: torch.randint(lo, lo + int(count), (args.batch_size,))  # update()'s draws
+    for i in range(3):
+        np.random.seed(i)
+        torch.manual_seed(i)
+        expected = ft.update(*eager, args)
+        np.random.seed(i)
+        torch.manual_seed(i)
+        got = step()
+        assert got.keys() == expected.keys()
+        for key in expected:
+            assert float(got[key]) == pytest.approx(float(expected[key]), rel=1e-6), key
+        for a, b in zip(state_of(*eager), state_of(*graphed)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert eager[1].max_priority == graphed[1].max_priority
+
+
+def test_graphed_update_draws_reach_every_row_and_no_other():
+    learner, replay = small_learner_and_buffer()
+    for mode, low in (("online-only", replay.n_offline), ("uniform", 0)):
+        step = ft.GraphedUpdate(learner, replay, ft.Args(batch_size=4000, replay=mode))
         step()  # sets the device copy of the online count
-        drawn = step.draw(low, step.n_online + (buf.M if replay == "uniform" else 0))
-        assert drawn.min() == low and drawn.max() == buf.M + buf.n_online - 1  # every row reachable, no other
+        drawn = step.draw(low, step.n_online + (replay.n_offline if mode == "uniform" else 0))
+        assert drawn.min() == low and drawn.max() == replay.n_offline + replay.n_online - 1
         online = float(step()["online_fraction"])
-        assert online == 1.0 if replay == "online-only" else abs(online - 20 / 70) < 0.05
+        share = replay.n_online / (replay.n_offline + replay.n_online)
+        assert online == 1.0 if mode == "online-only" else abs(online - share) < 0.05
+        replay.add_online(np.zeros((5, replay.rows.shape[1]), np.float32))  # the next draws see the new rows
+        step()
+        assert step.draw(low, step.n_online + (replay.n_offline - low)).max() == replay.n_offline + replay.n_online - 1
+
+
+def test_loaded_checkpoints_keep_this_runs_capturable_adams(tmp_path):
+    """CUDA graphs need capturable Adams; Adam.load_state_dict would take the flag of the run that saved the state."""
+    args = cq.Args(members=2, hidden=8)
+    agent = cq.Agent(5, 2, 2, 8, args, "cpu")
+    for opt in agent.opts:
+        opt.param_groups[0]["capturable"] = True
+    cq.load_agent(agent, cq.checkpoint_dict(cq.Agent(5, 2, 2, 8, args, "cpu"), args, 0), "ckpt", optimizers=True)
+    assert all(opt.param_groups[0]["capturable"] for opt in agent.opts)
+
+    saved, replay = small_learner_and_buffer()
+    env = gym.make("Hopper-v5")
+    episode = {"obs": env.reset(seed=0)[0], "ep_return": 0.0, "ep_length": 0}
+    counters = {"env_steps": 20, "updates": 20, "epoch": 1, "evals": 1}
+    ckpt = ft.checkpoint_dict(ft.Args(), saved, replay, env, episode, counters)
+    learner = ft.Learner(ft.EnsembleActor(5, 2, 2, 16), ft.EnsembleCritic(5, 2, 2, 16), 3e-4, capturable=True)
+    learner.ratio = ft.density_ratio_net(7, 12)
+    learner.ratio_opt = torch.optim.Adam(learner.ratio.parameters(), capturable=True)
+    fresh = ft.Replay(fts.fake_data(50, 5, 2, np.random.default_rng(0)), 100, torch.device("cpu"), 0.5)
+    ft.restore_checkpoint(ckpt, learner, fresh, env, dict(episode), dict(counters), str(tmp_path))
+    assert learner.sac_opt.param_groups[0]["capturable"] and learner.ratio_opt.param_groups[0]["capturable"]
+    torch.testing.assert_close(learner.critic.net[0].weight, saved.critic.net[0].weight)
