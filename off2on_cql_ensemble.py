@@ -295,8 +295,7 @@ def losses(agent: Agent, batch: dict, bc: bool, args: Args) -> tuple:
 
 
 def update(agent: Agent, data: dict, bc: bool, args: Args, loss_fn=losses) -> dict:
-    """One step of every member on its own minibatch of data: one backward (the losses touch disjoint parameters), 3
-    Adams, Polyak averaging."""
+    """One step of every member on its own minibatch: one backward (disjoint parameters), 3 Adams, Polyak averaging."""
     loss, metrics = loss_fn(agent, sample(data, agent.members, args.batch_size), bc, args)
     for opt in agent.opts:
         opt.zero_grad(set_to_none=True)
