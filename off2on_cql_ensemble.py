@@ -32,7 +32,6 @@ updates) adds actor_opt, critic_opt, alpha_opt (Adam state dicts), rng and args:
 import copy
 import ctypes
 import dataclasses
-import functools
 import glob
 import json
 import logging
@@ -89,7 +88,7 @@ class Args:
     checkpoint_every: int = 10_000  # write run_dir/checkpoint.pt every this many updates
     export_path: str = ""  # ensemble file ("" = checkpoints/<env>__<dataset_slug>__cql_ensemble__seed<seed>.pt)
     import_official: str = ""  # the authors' agents (docstring): convert, evaluate (unless --eval-episodes 0), exit
-    compile: bool = False  # torch.compile the losses; on CUDA each update also runs as one CUDA graph
+    compile: bool = False  # torch.compile the losses (mode reduce-overhead: on CUDA, as CUDA graphs)
     tf32: bool = False  # TensorFloat-32 matmuls on CUDA: faster, less exact (10-bit mantissas, float32 sums)
 
 
@@ -99,7 +98,7 @@ def sample(data: dict, n: int, batch_size: int) -> dict:  # an own minibatch per
 
 
 # =====================================================================================
-# Networks: E independent MLPs, one batched matmul per layer; CUDA graphs (--compile); identical in both scripts.
+# Networks: E independent MLPs, one batched matmul per layer; identical in both scripts (the ensemble file's nets).
 # =====================================================================================
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # the range of the actors' log_std
 
@@ -112,34 +111,11 @@ class VectorizedLinear(nn.Module):  # E independent linear layers: x [E, B, in] 
         self.bias = nn.Parameter(torch.empty(ensemble_size, 1, out_features).uniform_(-bound, bound))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.shape[2] == 1:  # the critics' output layer
-            return VectorizedGemv.apply(x, self.weight, self.bias)
         return torch.baddbmm(self.bias, x, self.weight)
 
 
-class VectorizedGemv(torch.autograd.Function):  # torch.baddbmm(bias, x, weight) for weight [E, in, 1]
-    """Each product one pass over x: autograd's gradients of baddbmm, x^T g and g w^T, are matmuls with an inner or
-    outer size of 1, which a CPU BLAS runs several times slower."""
-
-    @staticmethod
-    def forward(x, weight, bias):
-        return torch.bmm(weight.transpose(1, 2), x.transpose(1, 2)).transpose(1, 2) + bias  # (w^T x^T)^T + b
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0], inputs[1])
-
-    @staticmethod
-    def backward(ctx, grad):  # grad [E, B, 1] -> g w^T, x^T g, the sum of g over the batch
-        x, weight = ctx.saved_tensors
-        grad = grad.to(x.dtype)  # x is bfloat16 under autocast
-        grad_weight = torch.bmm(grad.transpose(1, 2), x).transpose(1, 2)
-        return grad * weight.transpose(1, 2), grad_weight, grad.sum(1, keepdim=True)
-
-
-def mlp(sizes: list, n: int) -> nn.Sequential:  # n independent MLPs sizes[0] -> ... -> sizes[-1], ReLU between
+def mlp(sizes: list, n: int) -> nn.Sequential:  # n MLPs; ReLUs in place (a layer's backward needs x, not its output)
     layers = [VectorizedLinear(fan_in, fan_out, n) for fan_in, fan_out in zip(sizes, sizes[1:])]
-    # ReLUs in place: no layer's backward needs its output, so a pass stores one activation less per layer
     return nn.Sequential(*[module for layer in layers for module in (layer, nn.ReLU(inplace=True))][:-1])
 
 
@@ -159,7 +135,6 @@ class EnsembleActor(nn.Module):  # N tanh-Gaussian policies: obs [N, B, obs] -> 
 class EnsembleCritic(nn.Module):  # 2N Q-nets, row i member i's Q1, row N+i its Q2: (obs, act) [2N, B, *] -> Q [2N, B]
     def __init__(self, obs_dim: int, act_dim: int, n: int, hidden: int = 256):
         super().__init__()
-        self.members = n
         self.net = mlp([obs_dim + act_dim, hidden, hidden, 1], 2 * n)
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
@@ -168,34 +143,6 @@ class EnsembleCritic(nn.Module):  # 2N Q-nets, row i member i's Q1, row N+i its 
 
 def frozen_q(critic: nn.Module, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:  # with detached weights
     return torch.func.functional_call(critic, {k: v.detach() for k, v in critic.named_parameters()}, (obs, act))
-
-
-class CudaGraph:  # fn() as one CUDA graph, one launch per step instead of hundreds (--compile on CUDA)
-    """Calls 1..warmup run fn eagerly on a side stream (allocator, cuBLAS workspaces, Adam states, torch.compile); the
-    next captures it, and every call replays it: each call is one step and returns fn's outputs, overwritten by the
-    next replay. Assumes static shapes, no host sync in fn, every state it changes updated in place (weights, buffers,
-    Adam built with capturable=True), torch's graph-safe CUDA RNG (each replay advances its offset: new draws)."""
-
-    def __init__(self, fn, warmup: int = 3):
-        self.fn = fn
-        self.warmup = warmup
-        self.graph = torch.cuda.CUDAGraph()
-        self.out = None  # fn's outputs in the graph's memory
-
-    def __call__(self):
-        if self.warmup > 0:
-            self.warmup -= 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                out = self.fn()
-            torch.cuda.current_stream().wait_stream(side)
-            return out
-        if self.out is None:
-            with torch.cuda.graph(self.graph):
-                self.out = self.fn()
-        self.graph.replay()
-        return self.out
 
 
 # =====================================================================================
@@ -228,10 +175,9 @@ class Agent:  # N CQL agents; 3 fused Adams (elementwise: one over stacked weigh
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = torch.zeros(members, device=device, requires_grad=True)  # alpha = 1 at the start
         self.target_entropy = -float(act_dim) if args.target_entropy is None else args.target_entropy
-        adam = functools.partial(torch.optim.Adam, fused=True, capturable=args.compile and self.log_alpha.is_cuda)
-        self.actor_opt = adam(self.actor.parameters(), lr=args.policy_lr)  # capturable: inside CUDA graphs
-        self.critic_opt = adam(self.critic.parameters(), lr=args.q_lr)
-        self.alpha_opt = adam([self.log_alpha], lr=args.alpha_lr)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.policy_lr, fused=True)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.q_lr, fused=True)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=args.alpha_lr, fused=True)
         self.opts = (self.actor_opt, self.critic_opt, self.alpha_opt)
 
 
@@ -326,16 +272,13 @@ def main(args: Args) -> str:  # -> the path of the ensemble file
     export_path = args.export_path or f"checkpoints/{args.env}__{slug}__{SCRIPT}__seed{args.seed}.pt"
     print(f"run dir: {args.run_dir}\ncheckpoint: {ckpt_path}\nensemble file (at the end): {export_path}")
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    loss_fn = torch.compile(losses) if args.compile else losses
-    train_steps = {bc: functools.partial(update, agent, data, bc, args, loss_fn) for bc in (True, False)}
-    if args.compile and device.type == "cuda":  # each update as one CUDA graph
-        train_steps = {bc: CudaGraph(fn) for bc, fn in train_steps.items()}
+    loss_fn = torch.compile(losses, mode="reduce-overhead") if args.compile else losses  # CUDA graphs on CUDA
     t0 = time.time()  # for the updates per second since update `since`
     since = start
     desc = f"cql_ensemble N={args.members}"
-    bar = tqdm(range(start, args.offline_updates), initial=start, total=args.offline_updates, desc=desc, mininterval=2)
+    bar = tqdm(range(start, args.offline_updates), initial=start, total=args.offline_updates, desc=desc, disable=None)
     for step in bar:  # every member: its own minibatch, a CQL(H) critic step, a SAC (or, first, BC) actor step
-        metrics = train_steps[step < args.bc_steps]()
+        metrics = update(agent, data, step < args.bc_steps, args, loss_fn)
         updates = step + 1
         if updates % args.log_every == 0:
             logger.scalars({**metrics, "charts/updates_per_s": (updates - since) / (time.time() - t0)}, updates)
@@ -364,10 +307,8 @@ OPTIMIZERS = ("actor_opt", "critic_opt", "alpha_opt")  # the Adams of Agent, in 
 
 
 def check_args(args: Args) -> tuple:  # -> with --resume: (the run's own Args, its checkpoint), else (args, None)
-    ckpt = None
-    if args.resume:  # the saved args rule, except for what may change between runs
-        keep = ("device", "track", "compile", "tf32", "offline_updates", "run_dir", "resume")
-        args, ckpt = resume_run(args, FORMAT, keep)
+    keep = ("device", "track", "compile", "tf32", "offline_updates", "run_dir", "resume")  # what --resume may change
+    args, ckpt = resume_run(args, FORMAT, keep) if args.resume else (args, None)  # --resume: the run's own Args
     for name in ("members", "batch_size", "eval_every", "log_every", "checkpoint_every"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
@@ -422,9 +363,7 @@ def load_agent(agent: Agent, ckpt: dict, path: str, optimizers: bool) -> None:
         with torch.no_grad():
             agent.log_alpha.copy_(ckpt["log_alpha"])
         for name, opt in zip(OPTIMIZERS, agent.opts if optimizers else ()):
-            capturable = opt.param_groups[0]["capturable"]  # this run's flag (CUDA graphs or not), not the saved one
             opt.load_state_dict(ckpt[name])
-            opt.param_groups[0]["capturable"] = capturable
     except (KeyError, RuntimeError, ValueError) as e:
         raise InputError(f"{path} does not fit this ensemble ({first_line(e)[:200]})") from e
 

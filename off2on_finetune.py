@@ -11,8 +11,7 @@ Paper -> code (components named as in the paper; "authors' code": github.com/shl
   balanced replay: density ratio w(s, a) ~ d_online / d_offline from the variational form
       of the Jensen-Shannon divergence, on uniform offline and online batches        -> density_ratio_net, ratio_loss
   priority of a sampled transition: w^(1/T) / mean_offline w^(1/T), clipped (authors' code)     -> priorities, update
-  initial priority of online transitions: the running maximum, at first the one giving
-      1,000 online rows the share --init-online-fraction (authors' code)                                    -> Replay
+  online rows' priority (authors' code): the running max, at first giving 1,000 rows --init-online-fraction -> Replay
   schedule: epochs of --epoch-steps env steps, each then as many updates (first x --first-epoch-multiplier)   -> main
 Run: python off2on_finetune.py --env hopper --dataset medium-replay [--replay uniform|online-only] [--members K]
 (resume: --run-dir D --resume). Reads --checkpoint; writes args.json, evals.csv, train.csv, events, checkpoint.pt.
@@ -20,7 +19,6 @@ Run: python off2on_finetune.py --env hopper --dataset medium-replay [--replay un
 
 import copy
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -69,7 +67,7 @@ class Args:
     priority_clip: tuple[float, float] = (1e-3, 1e3)  # priorities are clipped to this range
     temperature: float = 5.0  # T in the priority w^(1/T) / mean_offline(w^(1/T))
     init_online_fraction: float = 0.75  # f of Replay's first priority (0.75: the authors' README; their default 0.5)
-    compile: bool = False  # torch.compile the SAC losses; on CUDA each update also runs as two CUDA graphs
+    compile: bool = False  # torch.compile the SAC losses (mode reduce-overhead: on CUDA, as CUDA graphs)
     tf32: bool = False  # TensorFloat-32 matmuls on CUDA: faster, less exact (10-bit mantissas, float32 sums)
 
 
@@ -136,7 +134,7 @@ class Replay:  # every transition a row [s, a, r, s', terminal] of one tensor: t
 
 
 # =====================================================================================
-# Networks: E independent MLPs, one batched matmul per layer; CUDA graphs (--compile); identical in both scripts.
+# Networks: E independent MLPs, one batched matmul per layer; identical in both scripts (the ensemble file's nets).
 # =====================================================================================
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # the range of the actors' log_std
 
@@ -149,34 +147,11 @@ class VectorizedLinear(nn.Module):  # E independent linear layers: x [E, B, in] 
         self.bias = nn.Parameter(torch.empty(ensemble_size, 1, out_features).uniform_(-bound, bound))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.shape[2] == 1:  # the critics' output layer
-            return VectorizedGemv.apply(x, self.weight, self.bias)
         return torch.baddbmm(self.bias, x, self.weight)
 
 
-class VectorizedGemv(torch.autograd.Function):  # torch.baddbmm(bias, x, weight) for weight [E, in, 1]
-    """Each product one pass over x: autograd's gradients of baddbmm, x^T g and g w^T, are matmuls with an inner or
-    outer size of 1, which a CPU BLAS runs several times slower."""
-
-    @staticmethod
-    def forward(x, weight, bias):
-        return torch.bmm(weight.transpose(1, 2), x.transpose(1, 2)).transpose(1, 2) + bias  # (w^T x^T)^T + b
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0], inputs[1])
-
-    @staticmethod
-    def backward(ctx, grad):  # grad [E, B, 1] -> g w^T, x^T g, the sum of g over the batch
-        x, weight = ctx.saved_tensors
-        grad = grad.to(x.dtype)  # x is bfloat16 under autocast
-        grad_weight = torch.bmm(grad.transpose(1, 2), x).transpose(1, 2)
-        return grad * weight.transpose(1, 2), grad_weight, grad.sum(1, keepdim=True)
-
-
-def mlp(sizes: list, n: int) -> nn.Sequential:  # n independent MLPs sizes[0] -> ... -> sizes[-1], ReLU between
+def mlp(sizes: list, n: int) -> nn.Sequential:  # n MLPs; ReLUs in place (a layer's backward needs x, not its output)
     layers = [VectorizedLinear(fan_in, fan_out, n) for fan_in, fan_out in zip(sizes, sizes[1:])]
-    # ReLUs in place: no layer's backward needs its output, so a pass stores one activation less per layer
     return nn.Sequential(*[module for layer in layers for module in (layer, nn.ReLU(inplace=True))][:-1])
 
 
@@ -196,7 +171,6 @@ class EnsembleActor(nn.Module):  # N tanh-Gaussian policies: obs [N, B, obs] -> 
 class EnsembleCritic(nn.Module):  # 2N Q-nets, row i member i's Q1, row N+i its Q2: (obs, act) [2N, B, *] -> Q [2N, B]
     def __init__(self, obs_dim: int, act_dim: int, n: int, hidden: int = 256):
         super().__init__()
-        self.members = n
         self.net = mlp([obs_dim + act_dim, hidden, hidden, 1], 2 * n)
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
@@ -207,47 +181,17 @@ def frozen_q(critic: nn.Module, obs: torch.Tensor, act: torch.Tensor) -> torch.T
     return torch.func.functional_call(critic, {k: v.detach() for k, v in critic.named_parameters()}, (obs, act))
 
 
-class CudaGraph:  # fn() as one CUDA graph, one launch per step instead of hundreds (--compile on CUDA)
-    """Calls 1..warmup run fn eagerly on a side stream (allocator, cuBLAS workspaces, Adam states, torch.compile); the
-    next captures it, and every call replays it: each call is one step and returns fn's outputs, overwritten by the
-    next replay. Assumes static shapes, no host sync in fn, every state it changes updated in place (weights, buffers,
-    Adam built with capturable=True), torch's graph-safe CUDA RNG (each replay advances its offset: new draws)."""
-
-    def __init__(self, fn, warmup: int = 3):
-        self.fn = fn
-        self.warmup = warmup
-        self.graph = torch.cuda.CUDAGraph()
-        self.out = None  # fn's outputs in the graph's memory
-
-    def __call__(self):
-        if self.warmup > 0:
-            self.warmup -= 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                out = self.fn()
-            torch.cuda.current_stream().wait_stream(side)
-            return out
-        if self.out is None:
-            with torch.cuda.graph(self.graph):
-                self.out = self.fn()
-        self.graph.replay()
-        return self.out
-
-
 # =====================================================================================
 # Density ratio and priorities, the ensemble policy, the SAC losses, one update.
 # =====================================================================================
 def density_ratio_net(in_dim: int, hidden: int = 256) -> nn.Sequential:
     """w(s, a) >= 0 [B, 1] ~ d_online / d_offline: the authors' weight net (rlkit ConcatMlp, 2x256 ReLU, ReLU output,
     U(+-1/sqrt(fan)) hidden weights with fan = out_features, U(+-3e-3) last weights, last bias 1): w = 1 +- 0.003."""
-    net = nn.Sequential(
-        nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1), nn.ReLU()
-    )
-    for layer, bound in ((net[0], 1.0 / math.sqrt(hidden)), (net[2], 1.0 / math.sqrt(hidden)), (net[4], 3e-3)):
+    layers = [nn.Linear(in_dim, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, 1)]
+    for layer, bound in zip(layers, (1.0 / math.sqrt(hidden), 1.0 / math.sqrt(hidden), 3e-3)):
         nn.init.uniform_(layer.weight, -bound, bound)
-        nn.init.constant_(layer.bias, 1.0 if layer is net[4] else 0.0)
-    return net
+        nn.init.constant_(layer.bias, 1.0 if layer is layers[-1] else 0.0)
+    return nn.Sequential(*[module for layer in layers for module in (layer, nn.ReLU())])
 
 
 def ratio_loss(w_off: torch.Tensor, w_on: torch.Tensor) -> torch.Tensor:
@@ -260,10 +204,9 @@ def priorities(w_rl: torch.Tensor, w_off: torch.Tensor, temperature: float, lo: 
     return (w_rl.pow(1.0 / temperature) / (w_off.pow(1.0 / temperature).mean() + 1e-10)).clamp(lo, hi)
 
 
-def ensemble_moments(mu_i: torch.Tensor, log_std_i: torch.Tensor):
-    # the members' pre-tanh N(mu_i, sigma_i^2) [N, B, A] -> the ensemble's (mu, sigma), sigma^2 without cancellation
-    mu = mu_i.mean(0)
-    var = (2 * log_std_i).exp().mean(0) + (mu_i - mu).pow(2).mean(0)
+def ensemble_moments(mu_i: torch.Tensor, log_std_i: torch.Tensor):  # -> the ensemble's pre-tanh (mu, sigma)
+    mu = mu_i.mean(0)  # of the members' N(mu_i, sigma_i^2), mu_i and log sigma_i [N, B, A]
+    var = (2 * log_std_i).exp().mean(0) + (mu_i - mu).pow(2).mean(0)  # sigma^2, written without cancellation
     return mu, var.sqrt().clamp(math.exp(LOG_STD_MIN), math.exp(LOG_STD_MAX))
 
 
@@ -281,16 +224,14 @@ def ensemble_policy(actor: EnsembleActor, obs: torch.Tensor):
 class Learner:  # the offline ensemble's actors and critics, target critics, one alpha, the density-ratio net
     STATE = ("actor", "critic", "critic_target", "ratio", "sac_opt", "ratio_opt")  # the state_dicts it saves
 
-    def __init__(self, actor: EnsembleActor, critic: EnsembleCritic, learning_rate: float, capturable: bool = False):
+    def __init__(self, actor: EnsembleActor, critic: EnsembleCritic, lr: float):
         self.actor = actor
         self.critic = critic
         self.critic_target = copy.deepcopy(critic).requires_grad_(False)
         self.log_alpha = torch.zeros((), device=critic.net[0].weight.device, requires_grad=True)
         self.ratio = density_ratio_net(critic.net[0].weight.shape[1]).to(self.log_alpha.device)  # input (s, a)
-        sac_params = [*actor.parameters(), *critic.parameters(), self.log_alpha]  # one Adam = one per net
-        adam = functools.partial(torch.optim.Adam, lr=learning_rate, fused=True, capturable=capturable)  # CUDA graphs
-        self.sac_opt = adam(sac_params)
-        self.ratio_opt = adam(self.ratio.parameters())
+        self.sac_opt = torch.optim.Adam([*actor.parameters(), *critic.parameters(), self.log_alpha], lr=lr, fused=True)
+        self.ratio_opt = torch.optim.Adam(self.ratio.parameters(), lr=lr, fused=True)
 
 
 def sac_losses(learner: Learner, batch: tuple, gamma: float) -> tuple:
@@ -319,96 +260,31 @@ def sac_losses(learner: Learner, batch: tuple, gamma: float) -> tuple:
     return critic_loss, actor_loss, alpha_loss, stats
 
 
-def ratio_step(learner: Learner, x: torch.Tensor, x_rl: torch.Tensor, args: Args) -> tuple:
-    """Density-ratio step on (s, a) rows x: uniform offline rows, then as many uniform online rows. Returns the
-    priorities of the RL batch's (s, a) x_rl, from the net before its step as in the authors' code, and statistics."""
-    w_off, w_on = learner.ratio(x).squeeze(-1).chunk(2)
-    loss = ratio_loss(w_off, w_on)
-    learner.ratio_opt.zero_grad(set_to_none=True)
-    loss.backward()
-    with torch.no_grad():
-        prio = priorities(learner.ratio(x_rl).squeeze(-1), w_off, args.temperature, *args.priority_clip)
-    learner.ratio_opt.step()
-    return prio, dict(
-        ratio_loss=loss.detach(), w_offline_mean=w_off.detach().mean(), w_online_mean=w_on.detach().mean()
-    )
-
-
-def sac_step(learner: Learner, batch: tuple, args: Args, loss_fn=sac_losses) -> dict:  # and the target critics' step
-    critic_loss, actor_loss, alpha_loss, stats = loss_fn(learner, batch, args.gamma)
+def update(learner: Learner, replay: Replay, args: Args, loss_fn=sac_losses) -> dict:
+    """One gradient step: density ratio, priorities of the sampled batch, SAC (host transfers: indices, priorities)."""
+    idx, rows = replay.sample(args.batch_size, args.replay)
+    stats = {"online_fraction": torch.as_tensor(idx >= replay.n_offline).float().mean()}  # idx: numpy if balanced
+    if args.replay == "balanced":  # density-ratio step on uniform offline and online (s, a) batches
+        sa = replay.obs_dim + replay.act_dim  # rows start with (s, a)
+        x = torch.cat([replay.sample(args.batch_size, part)[1] for part in ("offline", "online-only")])[:, :sa]
+        w_off, w_on = learner.ratio(x).squeeze(-1).chunk(2)
+        loss = ratio_loss(w_off, w_on)
+        learner.ratio_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():  # priorities from the net before its step, as the authors' code
+            prio = priorities(learner.ratio(rows[:, :sa]).squeeze(-1), w_off, args.temperature, *args.priority_clip)
+        learner.ratio_opt.step()
+        replay.tree.update(idx, prio.cpu().numpy())
+        replay.max_priority = max(replay.max_priority, float(prio.max()))  # running max, for new online rows
+        stats.update(ratio_loss=loss.detach(), w_offline_mean=w_off.detach().mean(), w_online_mean=w_on.detach().mean())
+    critic_loss, actor_loss, alpha_loss, sac_stats = loss_fn(learner, replay.split(rows), args.gamma)
     learner.sac_opt.zero_grad(set_to_none=True)
-    (critic_loss + actor_loss + alpha_loss).backward()  # each loss reaches only its own parameters
+    (critic_loss + actor_loss + alpha_loss).backward()  # a loss reaches only its own parameters: one Adam = one per net
     learner.sac_opt.step()
     with torch.no_grad():  # target critics: theta' <- (1 - tau) theta' + tau theta
         for p, tp in zip(learner.critic.parameters(), learner.critic_target.parameters()):
             tp.lerp_(p, args.tau)
-    return stats
-
-
-def update(learner: Learner, replay: Replay, args: Args, loss_fn=sac_losses) -> dict:
-    """One gradient step: density ratio, priorities of the sampled batch, SAC (host transfers: indices, priorities)."""
-    idx, rows = replay.sample(args.batch_size, args.replay)
-    online = idx >= replay.n_offline
-    stats = {"online_fraction": online.mean() if args.replay == "balanced" else online.float().mean()}
-    if args.replay == "balanced":  # density-ratio step on uniform offline and online (s, a) batches
-        sa = replay.obs_dim + replay.act_dim  # rows start with (s, a)
-        x = torch.cat([replay.sample(args.batch_size, part)[1] for part in ("offline", "online-only")])[:, :sa]
-        prio, ratio_stats = ratio_step(learner, x, rows[:, :sa], args)
-        replay.tree.update(idx, prio.cpu().numpy())
-        replay.max_priority = max(replay.max_priority, float(prio.max()))  # running max, for new online rows
-        stats.update(ratio_stats)
-    return {**stats, **sac_step(learner, replay.split(rows), args, loss_fn)}
-
-
-class GraphedUpdate:  # update() as two CUDA graphs (--compile on CUDA); on a CPU the same steps run eagerly
-    """Graph 1 gathers the RL batch at the sum-tree's indices (copied in), takes the density-ratio step and the batch's
-    priorities (copied out); graph 2 takes the SAC step. The host waits for graph 1 only and writes the priorities into
-    the sum-tree while graph 2 runs, before the next batch is drawn, as update() does. Uniform draws read a device copy
-    of the online count (randint(2^62) % count, bias < 1e-13): no count is baked into a graph."""
-
-    def __init__(self, learner: Learner, replay: Replay, args: Args, loss_fn=sac_losses):
-        self.learner = learner
-        self.replay = replay
-        self.args = args
-        self.loss_fn = loss_fn
-        self.cuda = replay.rows.device.type == "cuda"
-        self.idx_host = torch.zeros(args.batch_size, dtype=torch.long, pin_memory=self.cuda)  # copied in asynchronously
-        self.idx = torch.zeros(args.batch_size, dtype=torch.long, device=replay.rows.device)
-        self.n_online = torch.zeros((), dtype=torch.long, device=replay.rows.device)
-        self.ratio_graph = CudaGraph(self.ratio_part) if self.cuda else self.ratio_part
-        self.sac_graph = CudaGraph(self.sac_part) if self.cuda else self.sac_part
-
-    def draw(self, lo: int, count: torch.Tensor) -> torch.Tensor:  # batch_size row indices uniform in [lo, lo + count)
-        return lo + torch.randint(2**62, (self.args.batch_size,), device=count.device) % count
-
-    def ratio_part(self) -> tuple:  # graph 1: uniform offline and online (s, a) rows, the density-ratio step
-        sa = self.replay.obs_dim + self.replay.act_dim
-        offline = torch.randint(self.replay.n_offline, (self.args.batch_size,), device=self.idx.device)
-        x = self.replay.rows[torch.cat([offline, self.draw(self.replay.n_offline, self.n_online)])][:, :sa]
-        return ratio_step(self.learner, x, self.replay.rows[self.idx][:, :sa], self.args)
-
-    def sac_part(self) -> dict:  # graph 2: the SAC step on the RL batch (drawn here unless by priority)
-        replay = self.replay
-        lo = 0 if self.args.replay == "uniform" else replay.n_offline
-        idx = self.idx if self.args.replay == "balanced" else self.draw(lo, self.n_online + replay.n_offline - lo)
-        stats = sac_step(self.learner, replay.split(replay.rows[idx]), self.args, self.loss_fn)
-        return {"online_fraction": (idx >= replay.n_offline).float().mean(), **stats}
-
-    def __call__(self) -> dict:
-        replay = self.replay
-        self.n_online.fill_(replay.n_online)
-        if self.args.replay == "balanced":
-            idx = replay.tree.sample(self.args.batch_size)
-            self.idx_host.numpy()[:] = idx  # free: the host waited for the last graph 1, after its last copy
-            self.idx.copy_(self.idx_host, non_blocking=True)
-            prio, ratio_stats = self.ratio_graph()
-            prio = prio.cpu().numpy()  # waits for graph 1 only: graph 2 is launched next
-        stats = self.sac_graph()
-        if self.args.replay == "balanced":  # the sum-tree is written while graph 2 runs
-            replay.tree.update(idx, prio)
-            replay.max_priority = max(replay.max_priority, float(prio.max()))
-            stats = {**stats, **ratio_stats}
-        return {k: v.clone() for k, v in stats.items()}  # the graphs' outputs are overwritten by the next replay
+    return {**stats, **sac_stats}
 
 
 @torch.no_grad()
@@ -437,8 +313,7 @@ def main(args: Args) -> None:
     args, ckpt = check_args(args)  # with --resume: the run's own Args and its checkpoint
     device, run_dir = set_up(args, SCRIPT)  # seeds python, numpy and torch
     data = load_dataset(args.env, args.dataset)
-    graphed = args.compile and device.type == "cuda"  # each update as two CUDA graphs
-    learner = Learner(*load_offline_ensemble(args, data, device), args.lr, graphed)  # the pessimistic Q-ensemble
+    learner = Learner(*load_offline_ensemble(args, data, device), args.lr)  # the pessimistic Q-ensemble
     replay = Replay(data, args.online_steps, device, args.init_online_fraction)  # offline rows at priority 1
     env = gym.make(ENVS[args.env])
     episode = {"obs": env.reset(seed=args.seed)[0], "ep_return": 0.0, "ep_length": 0}
@@ -449,30 +324,24 @@ def main(args: Args) -> None:
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     print(f"run dir: {run_dir}\ncheckpoint: {ckpt_path}")
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    loss_fn = torch.compile(sac_losses) if args.compile else sac_losses
-    update_fn = functools.partial(update, learner, replay, args, loss_fn)
-    if graphed:
-        update_fn = GraphedUpdate(learner, replay, args, loss_fn)
+    loss_fn = torch.compile(sac_losses, mode="reduce-overhead") if args.compile else sac_losses  # CUDA graphs on CUDA
     if counters["env_steps"] == 0:  # the offline ensemble, before any online step
         evaluate_policy(args, learner, logger, counters)
     bar = tqdm(total=args.online_steps, initial=counters["env_steps"], desc=SCRIPT, unit="env step", disable=None)
     try:
-        while counters["env_steps"] < args.online_steps:
-            start = counters["env_steps"]
-            # explore with the ensemble policy; the new transitions enter the replay at the max priority
-            rows = explore(env, episode, learner.actor, min(args.epoch_steps, args.online_steps - start), logger, start)
-            replay.add_online(rows)
-            # as many updates (the first epoch: x first_epoch_multiplier): density ratio, priorities, SAC step
-            n_updates = len(rows) * (args.first_epoch_multiplier if counters["epoch"] == 0 else 1)
-            stats = [update_fn() for _ in range(n_updates)]
-            counters["env_steps"] += len(rows)
-            counters["updates"] += n_updates
-            counters["epoch"] += 1
-            log_epoch(logger, stats, counters)
-            bar.update(len(rows))
-            done = counters["env_steps"] >= args.online_steps
-            if done or counters["env_steps"] // args.eval_every > start // args.eval_every:
-                bar.set_postfix(score=f"{evaluate_policy(args, learner, logger, counters):.1f}")
+        for start in range(counters["env_steps"], args.online_steps, args.epoch_steps):  # epochs
+            end = min(start + args.epoch_steps, args.online_steps)
+            rows = explore(env, episode, learner.actor, end - start, logger, start)  # with the ensemble policy
+            replay.add_online(rows)  # the new transitions enter at the running max priority
+            n_updates = len(rows) * (args.first_epoch_multiplier if counters["epoch"] == 0 else 1)  # as many updates
+            sums = {}  # their statistics, summed on the device (one host sync per epoch, in log_epoch)
+            for _ in range(n_updates):
+                sums = {key: sums.get(key, 0) + value for key, value in update(learner, replay, args, loss_fn).items()}
+            counters.update(env_steps=end, updates=counters["updates"] + n_updates, epoch=counters["epoch"] + 1)
+            log_epoch(logger, sums, n_updates, counters)
+            bar.update(end - start)
+            if end // args.eval_every > start // args.eval_every or end == args.online_steps:
+                evaluate_policy(args, learner, logger, counters)
             save_checkpoint(checkpoint_dict(args, learner, replay, env, episode, counters), ckpt_path)  # every epoch
     finally:
         bar.close()
@@ -489,10 +358,8 @@ POSITIVE = ("online_steps", "epoch_steps", "first_epoch_multiplier", "eval_every
 
 
 def check_args(args: Args) -> tuple:  # -> with --resume: (the run's own Args, its checkpoint), else (args, None)
-    ckpt = None
-    if args.resume:  # the run's own Args, but the device, tracking, --compile, --tf32 and the step budget may change
-        keep = ("device", "track", "compile", "tf32", "online_steps", "resume", "run_dir")
-        args, ckpt = resume_run(args, FORMAT, keep)
+    keep = ("device", "track", "compile", "tf32", "online_steps", "resume", "run_dir")  # what --resume may change
+    args, ckpt = resume_run(args, FORMAT, keep) if args.resume else (args, None)  # --resume: the run's own Args
     done = ckpt["env_steps"] if ckpt else 0
     checks = [(name, getattr(args, name) > 0, "must be positive") for name in POSITIVE]
     checks += [("replay", args.replay in ("balanced", "uniform", "online-only"), "use balanced, uniform, online-only")]
@@ -528,7 +395,7 @@ def load_offline_ensemble(args: Args, data: dict, device: torch.device) -> tuple
     return actor, critic
 
 
-def evaluate_policy(args: Args, learner: Learner, logger, counters: dict) -> float:  # tanh(mu) -> evals.csv, stdout
+def evaluate_policy(args: Args, learner: Learner, logger, counters: dict) -> None:  # tanh(mu) -> evals.csv, stdout
     seed = eval_seed(args.seed, counters["evals"])
     returns = evaluate(args.env, lambda obs: act(learner.actor, obs, deterministic=True), args.eval_episodes, seed)
     counters["evals"] += 1
@@ -536,11 +403,10 @@ def evaluate_policy(args: Args, learner: Learner, logger, counters: dict) -> flo
     score = logger.eval_row("online", counters["updates"], steps, "ensemble", returns, args.env, steps)
     tqdm.write(f"{steps} env steps: normalized score {score:.1f}")  # above the progress bar
     sys.stdout.flush()
-    return score
 
 
-def log_epoch(logger, stats: list, counters: dict) -> None:  # epoch means -> tensorboard, train.csv (one host sync)
-    means = {key: float(sum(s[key] for s in stats)) / len(stats) for key in stats[0]}
+def log_epoch(logger, sums: dict, n_updates: int, counters: dict) -> None:  # epoch means -> tensorboard, train.csv
+    means = {key: float(total) / n_updates for key, total in sums.items()}
     logger.scalars({f"online/{key}": value for key, value in means.items()}, counters["env_steps"])
     logger.csv_row("train.csv", {k: {**counters, **means}.get(k, "") for k in ("env_steps", "updates", *TRAIN_COLUMNS)})
 
@@ -556,11 +422,8 @@ def checkpoint_dict(args, learner, replay, env, episode: dict, counters: dict) -
 
 
 def restore_checkpoint(ckpt: dict, learner, replay, env, episode: dict, counters: dict, run_dir: str) -> None:
-    capturable = learner.sac_opt.param_groups[0]["capturable"]  # this run's flag (CUDA graphs or not)
     for name in Learner.STATE:
         getattr(learner, name).load_state_dict(ckpt[name])
-    for opt in (learner.sac_opt, learner.ratio_opt):  # load_state_dict took the saving run's flag
-        opt.param_groups[0]["capturable"] = capturable
     learner.log_alpha.data.copy_(ckpt["log_alpha"])
     replay.add_online(ckpt["online"].numpy())
     replay.tree.update(np.arange(len(ckpt["priorities"])), ckpt["priorities"].numpy())

@@ -2,6 +2,7 @@
 loop of the same update, at the paper's size, on one machine in one run.
 
     python benchmarks/cql_ensemble_speed.py --threads 1 --cpu-time      # CPU: one core, CPU time (docs/speed.md)
+    python benchmarks/cql_ensemble_speed.py --threads 1 --cpu-time --no-loop --gemv --relu-out-of-place  # A/B
     python benchmarks/cql_ensemble_speed.py --device cuda --compile      # GPU: adds the script's --compile path
 
 Reports updates/s, achieved GFLOP/s (the update's matmul FLOPs, counted analytically below) against the
@@ -11,7 +12,9 @@ each row gives the median and the range over the rounds. "matmuls alone" times t
 one update (same shapes and memory layouts, recorded from it) without anything else: the ceiling this
 BLAS allows, so that the gap between it and the update is the cost of everything that is not a matmul.
 Synthetic data (random transitions) of the given dims: the update's cost does not depend on the values.
-Timed updates are past the BC warm-start (the regime of 96% of a 1M-update run)."""
+Timed updates are past the BC warm-start (the regime of 96% of a 1M-update run). Variants that are not in the
+script, for an A/B in one run: --gemv (the critics' one-output layer as VectorizedGemv, below) and
+--relu-out-of-place (the script's in-place ReLUs computed out of place)."""
 
 import contextlib
 import os
@@ -51,12 +54,13 @@ class Bench:
     rounds: int = 5
     """rounds; each times every implementation once, in turn"""
     compile: bool = False
-    """also time the script's --compile path (torch.compile of the losses; on CUDA inside a CUDA graph)"""
+    """also time the script's --compile path (torch.compile of the losses, mode reduce-overhead: CUDA graphs on CUDA)"""
     bf16: bool = False
     """also time the vectorized update under bf16 autocast (matmuls in bfloat16, weights and Adam in fp32)"""
-    plain_layers: bool = False
-    """also time the vectorized update with plain layers (every layer one torch.baddbmm, ReLU out of place):
-    the layers before VectorizedGemv and the in-place ReLU, for an A/B in one run"""
+    gemv: bool = False
+    """also time the vectorized update with the critics' one-output layer as VectorizedGemv (benchmark only)"""
+    relu_out_of_place: bool = False
+    """also time the vectorized update with its ReLUs out of place (the script computes them in place)"""
     loop: bool = True
     """also time the member-by-member loop (--no-loop: skip it)"""
     threads: int = 0
@@ -89,21 +93,53 @@ def update_flops(n: int, b: int, k: int, obs: int, act: int, h: int, bc: bool = 
     return 2 * (actor + target + big + frozen)
 
 
+class VectorizedGemv(torch.autograd.Function):
+    """torch.baddbmm(bias, x, weight) for a one-output layer, weight [E, in, 1], with each product one pass over x.
+    Autograd's gradients of baddbmm, x^T g and g w^T, are matmuls with an inner or outer size of 1, which a CPU BLAS
+    runs several times slower than a pass over x. Not in the scripts (for readability): timed here with --gemv."""
+
+    @staticmethod
+    def forward(x, weight, bias):
+        return torch.bmm(weight.transpose(1, 2), x.transpose(1, 2)).transpose(1, 2) + bias  # (w^T x^T)^T + b
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad):  # grad [E, B, 1] -> g w^T, x^T g, the sum of g over the batch
+        x, weight = ctx.saved_tensors
+        grad = grad.to(x.dtype)  # x is bfloat16 under autocast
+        grad_weight = torch.bmm(grad.transpose(1, 2), x).transpose(1, 2)
+        return grad * weight.transpose(1, 2), grad_weight, grad.sum(1, keepdim=True)
+
+
 @contextlib.contextmanager
-def plain_layers(module_of_layers, *nets):
-    """Within: every VectorizedLinear of `module_of_layers` (a script module) is one torch.baddbmm (also the
-    one-output layers, which otherwise use VectorizedGemv) and the ReLU modules of `nets` compute out of place
-    (the actors' last ReLU, a relu_() call in EnsembleActor.forward, stays in place)."""
-    layer = module_of_layers.VectorizedLinear
+def gemv_output_layers(script):
+    """Within: every one-output VectorizedLinear of `script` (a script module) computes with VectorizedGemv."""
+    layer = script.VectorizedLinear
     forward = layer.forward
+
+    def gemv_forward(self, x):
+        return VectorizedGemv.apply(x, self.weight, self.bias) if self.weight.shape[2] == 1 else forward(self, x)
+
+    layer.forward = gemv_forward
+    try:
+        yield
+    finally:
+        layer.forward = forward
+
+
+@contextlib.contextmanager
+def relus_out_of_place(*nets):
+    """Within: the ReLU modules of `nets` compute out of place (the actors' last ReLU, a relu_() call in
+    EnsembleActor.forward, stays in place)."""
     relus = [m for net in nets for m in net.modules() if isinstance(m, torch.nn.ReLU)]
-    layer.forward = lambda self, x: torch.baddbmm(self.bias, x, self.weight)
     for relu in relus:
         relu.inplace = False
     try:
         yield
     finally:
-        layer.forward = forward
         for relu in relus:
             relu.inplace = True
 
@@ -262,9 +298,7 @@ def main(bench: Bench) -> None:
     data = synthetic_data(100_000, bench.obs_dim, bench.act_dim, device)
     if device.type == "cpu" and bench.keep_freed_memory:
         cq.keep_freed_memory()
-    # compile=True builds the Adams capturable on CUDA (the --compile variant runs in a CUDA graph); no other effect
     args = cq.Args(members=n, hidden=bench.hidden, batch_size=b, cql_samples=bench.cql_samples, bc_steps=0)
-    args.compile = bench.compile
 
     def make(size: int) -> cq.Agent:
         return cq.Agent(bench.obs_dim, bench.act_dim, size, bench.hidden, args, device)
@@ -291,13 +325,20 @@ def main(bench: Bench) -> None:
                 cq.update(agent, data, False, args)
 
         fns["member-by-member loop"] = loop_step
-    if bench.plain_layers:
+    if bench.gemv:
 
-        def plain_step():
-            with plain_layers(cq, vec.actor, vec.critic, vec.critic_target):
+        def gemv_step():
+            with gemv_output_layers(cq):
                 cq.update(vec, data, False, args)
 
-        fns["vectorized, plain layers (before)"] = plain_step
+        fns["with VectorizedGemv (not in the script)"] = gemv_step
+    if bench.relu_out_of_place:
+
+        def out_of_place_step():
+            with relus_out_of_place(vec.actor, vec.critic, vec.critic_target):
+                cq.update(vec, data, False, args)
+
+        fns["with ReLUs out of place"] = out_of_place_step
     if bench.bf16:
 
         def bf16_step():
@@ -306,16 +347,12 @@ def main(bench: Bench) -> None:
 
         fns["vectorized, bf16 autocast"] = bf16_step
     if bench.compile:
-        loss_fn = torch.compile(cq.losses)
-
-        def compiled_step():
-            return cq.update(vec, data, False, args, loss_fn)
-
-        fns["vectorized + --compile"] = cq.CudaGraph(compiled_step) if device.type == "cuda" else compiled_step
+        loss_fn = torch.compile(cq.losses, mode="reduce-overhead")  # the script's --compile
+        fns["vectorized + --compile"] = lambda: cq.update(vec, data, False, args, loss_fn)
     main_label, alone = "vectorized (one batched update)", "its matmuls alone (same calls)"
     fns[alone] = matmuls_replay(fns[main_label], device)
     for fn in fns.values():
-        for _ in range(max(bench.warmup, 4 if bench.compile else 0)):  # a CUDA graph is captured at call 4
+        for _ in range(max(bench.warmup, 4 if bench.compile else 0)):  # compiled, then its CUDA graphs recorded
             fn()
     timing = {name: (fn, bench.updates) for name, fn in fns.items()}
     timing[PEAK] = (peak_mm(device, bench.peak_size), 3)
@@ -326,8 +363,8 @@ def main(bench: Bench) -> None:
     to_alone = statistics.median(v / a for v, a in zip(rates[main_label], rates[alone]))
     print(f"ratio: its matmuls alone at {share[alone]:.0f}% of the peak; the update at {100 * to_alone:.0f}% of")
     print("       its matmuls-alone speed (the rest of its time is what is not a matmul)")
-    for name in ("member-by-member loop", "vectorized, plain layers (before)", "vectorized, bf16 autocast"):
-        if name in rates:
+    for name in rates:
+        if name not in (main_label, alone, PEAK):
             ratio = statistics.median(v / w for v, w in zip(rates[main_label], rates[name]))
             print(f"ratio: vectorized / {name} = {ratio:.2f}x (median of the rounds' ratios)")
     if bench.op_profile:

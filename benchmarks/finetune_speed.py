@@ -6,8 +6,9 @@ each row gives the median and the range over the rounds):
   vectorized  off2on_finetune.py as it is: each layer of the ensemble is one batched matmul;
   loop        the same iteration with every ensemble layer computed member by member (N separate
               weight tensors per layer, one matmul each, as N separate nn.Linear MLPs would do);
-and optionally the vectorized iteration with the previous plain layers (--plain-layers), under bf16 autocast
-(--bf16), or through the script's --compile path (--compile; on CUDA the update runs as CUDA graphs).
+and optionally the vectorized iteration with its ReLUs out of place (--relu-out-of-place; the script computes them
+in place), under bf16 autocast (--bf16), or through the script's --compile path (--compile: torch.compile of the
+SAC losses, mode reduce-overhead, CUDA graphs on CUDA).
 All start from identical weights (checked) and run the same code (off2on_finetune.act / update).
 Achieved GFLOP/s use the iteration's matmul FLOPs counted analytically (iteration_flops, checked against
 torch.utils.flop_counter in tests/test_gpu_check.py), against the fp32 matmul peak measured in the same
@@ -61,12 +62,12 @@ class Args:
     """rounds; each times every implementation once, in turn"""
     loop: bool = True
     """also time the member-by-member loop (--no-loop: skip it)"""
-    plain_layers: bool = False
-    """also time the vectorized iteration with plain layers (every layer one baddbmm, ReLU out of place)"""
+    relu_out_of_place: bool = False
+    """also time the vectorized iteration with its ReLUs out of place (the script computes them in place)"""
     bf16: bool = False
     """also time the vectorized iteration with the SAC losses under bf16 autocast (the ratio step stays fp32)"""
     compile: bool = False
-    """also time the script's --compile path (torch.compile of the SAC losses; on CUDA, CUDA graphs)"""
+    """also time the script's --compile path (torch.compile of the SAC losses, mode reduce-overhead)"""
     keep_freed_memory: bool = False
     """on CPU, keep freed memory in the heap as off2on_cql_ensemble.py does (off2on_finetune.py does not: no
     measurable gain, docs/speed.md)"""
@@ -142,34 +143,31 @@ def fake_data(m: int, obs_dim: int, act_dim: int, rng) -> dict:
 
 
 def learner(obs_dim: int, act_dim: int, members: int, hidden: int, fargs, device, seed: int, loop: bool):
-    """A fresh learner (seeded: equal weights for every `loop` value); loop: member-by-member layers. Its Adams
-    are capturable on CUDA (the CUDA-graph variants need it; the fused kernel is the same)."""
+    """A fresh learner (seeded: equal weights for every `loop` value); loop: member-by-member layers."""
     torch.manual_seed(seed)
     actor = ft.EnsembleActor(obs_dim, act_dim, members, hidden).to(device)
     critic = ft.EnsembleCritic(obs_dim, act_dim, members, hidden).to(device)
-    learner = ft.Learner(actor, critic, fargs.lr, capturable=device.type == "cuda")
+    learner = ft.Learner(actor, critic, fargs.lr)
     if loop:
         learner.actor, learner.critic = looped(learner.actor), looped(learner.critic)
         learner.critic_target = looped(learner.critic_target)
         sac_params = [*learner.actor.parameters(), *learner.critic.parameters(), learner.log_alpha]
-        learner.sac_opt = torch.optim.Adam(sac_params, lr=fargs.lr, fused=True, capturable=device.type == "cuda")
+        learner.sac_opt = torch.optim.Adam(sac_params, lr=fargs.lr, fused=True)
     return learner
 
 
 class Setup:
     """One learner + replay buffer + env; `iterate(k)` runs k full iterations (env step + train step).
-    mode: "eager" (off2on_finetune.update), "graph" (off2on_finetune.GraphedUpdate: CUDA graphs on CUDA) or
-    "compile" (GraphedUpdate with torch.compile'd losses: the script's --compile path);
-    loss_fn: the SAC losses (e.g. bf16_losses)."""
+    The train step: off2on_finetune.update with the SAC losses `loss_fn` (e.g. bf16_losses, or the torch.compile'd
+    losses of --compile), or make_step(learner, replay)() where given (benchmarks/gpu_check.py's CUDA graphs)."""
 
-    def __init__(self, lr, env_name, fargs, device, data, capacity, seed, mode="eager", loss_fn=ft.sac_losses):
-        self.lr, self.fargs, self.device = lr, fargs, device
+    def __init__(self, lr, env_name, fargs, device, data, capacity, seed, loss_fn=ft.sac_losses, make_step=None):
+        self.lr = lr
+        self.fargs = fargs
+        self.device = device
         self.env = gym.make(ft.ENVS[env_name])
         self.buf = ft.Replay(data, capacity, device, fargs.init_online_fraction)
-        if mode == "eager":
-            self.step = lambda: ft.update(self.lr, self.buf, self.fargs, loss_fn)
-        else:
-            self.step = ft.GraphedUpdate(lr, self.buf, fargs, torch.compile(loss_fn) if mode == "compile" else loss_fn)
+        self.step = make_step(lr, self.buf) if make_step else lambda: ft.update(self.lr, self.buf, self.fargs, loss_fn)
         self.obs, _ = self.env.reset(seed=seed)
         self.staged = []
         self.step_env(1000)  # the first epoch's online rows, so the ratio net has online data
@@ -225,9 +223,9 @@ def main(args: Args) -> None:
     fargs = ft.Args(batch_size=args.batch_size)
     capacity = 2000 + args.warmup + 2 * args.iters * (args.rounds + 1)  # online rows each setup may add
 
-    def setup(loop: bool = False, mode: str = "eager", loss_fn=ft.sac_losses) -> Setup:
+    def setup(loop: bool = False, loss_fn=ft.sac_losses) -> Setup:
         lr = learner(od, ad, args.members, args.hidden, fargs, device, args.seed, loop)
-        return Setup(lr, args.env, fargs, device, data, capacity, args.seed, mode, loss_fn)
+        return Setup(lr, args.env, fargs, device, data, capacity, args.seed, loss_fn)
 
     setups = {"vectorized": setup()}
     if args.loop:
@@ -239,18 +237,18 @@ def main(args: Args) -> None:
             torch.testing.assert_close(vec.actor(o)[0], loop.actor(o)[0])
             torch.testing.assert_close(vec.critic(o.repeat(2, 1, 1), a), loop.critic(o.repeat(2, 1, 1), a))
     fns = {name: s.iterate for name, s in setups.items()}  # name -> fn(k): k iterations
-    if args.plain_layers:
-        plain = setup()
+    if args.relu_out_of_place:
+        out_of_place = setup()
 
-        def plain_iterate(k: int) -> None:
-            with cqs.plain_layers(ft, plain.lr.actor, plain.lr.critic, plain.lr.critic_target):
-                plain.iterate(k)
+        def out_of_place_iterate(k: int) -> None:
+            with cqs.relus_out_of_place(out_of_place.lr.actor, out_of_place.lr.critic, out_of_place.lr.critic_target):
+                out_of_place.iterate(k)
 
-        fns["plain layers (before)"] = plain_iterate
+        fns["ReLUs out of place"] = out_of_place_iterate
     if args.bf16:
         fns["bf16 autocast (SAC losses)"] = setup(loss_fn=bf16_losses).iterate
     if args.compile:
-        fns["--compile"] = setup(mode="compile").iterate
+        fns["--compile"] = setup(loss_fn=torch.compile(ft.sac_losses, mode="reduce-overhead")).iterate
 
     flops = iteration_flops(args.members, args.batch_size, od, ad, args.hidden)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cqs.cpu_name()

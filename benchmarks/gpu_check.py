@@ -15,14 +15,15 @@ rolled out here.
    identical weights, an identical batch and identical random draws (every torch.randn/rand/randint of the
    update is drawn on the CPU from one seeded generator and copied to the update's device; the sum-tree
    draws come from the same numpy seed): max absolute and relative differences of the losses, the
-   gradients and the updated weights, in fp32 with TF32 off, with TF32 on, and under bf16 autocast. Then
-   the scripts' graph path against eager on the device, from identical states and CUDA RNG states: the
-   CUDA-graph update (CudaGraph, GraphedUpdate) and the --compile path (torch.compile inside the
-   graph, inductor's fallback_random so that it draws the eager numbers).
+   gradients and the updated weights, in fp32 with TF32 off, with TF32 on, and under bf16 autocast. Then,
+   against eager on the device from identical states and CUDA RNG states: the scripts' --compile path
+   (torch.compile of the losses, mode reduce-overhead; inductor's fallback_random so that it draws the eager
+   numbers) and the CUDA-graph updates defined here, not in the scripts (CudaGraph: a whole CQL update as one
+   CUDA graph; GraphedUpdate: a fine-tune update as two).
 3. speed at paper size (N = 5, 2x256, batch 256, K = 10, HalfCheetah 17/6, 1M offline rows in the sum-tree):
    CQL-ensemble updates/s and fine-tune iterations/s (env step + ratio step + ensemble SAC step + sum-tree
-   update), vectorized and member-by-member, eager, CUDA graph and --compile, with TF32 and bf16 variants:
-   achieved TFLOP/s (analytic matmul FLOPs) against the measured peak of the same precision, peak memory.
+   update), vectorized and member-by-member, eager, --compile and the CUDA-graph updates, with TF32 and bf16
+   variants: achieved TFLOP/s (analytic matmul FLOPs) against the measured peak of the same precision, peak memory.
 4. end to end: off2on_finetune.py on the device for --e2e-s seconds (stopped then; its evaluations so far
    are the result), from the authors' released agents (--official, imported as off2on_cql_ensemble.py
    --import-official does) or a freshly initialized ensemble, on a dataset rolled out here by that ensemble's
@@ -77,7 +78,7 @@ class Check:
     e2e_s: float = 0.0
     """seconds of the end-to-end fine-tune (0 = 150 s; --quick: 30 s, stopped by its step budget first)"""
     compile: bool = True
-    """check and time the --compile path on CUDA (torch.compile; --no-compile skips it)"""
+    """check and time the scripts' --compile path on CUDA (torch.compile; --no-compile skips it)"""
     compile_on_cpu: bool = False
     """also run torch.compile on a CPU (several minutes of compiling; off by default)"""
     parts: tuple[str, ...] = ("system", "equivalence", "speed", "end_to_end")
@@ -101,6 +102,7 @@ class Size:
 
 
 PARTS = ("system", "equivalence", "speed", "end_to_end")
+COMPILE_LABEL = "--compile (torch.compile, reduce-overhead)"
 PAPER = Size()
 QUICK = Size(members=2, hidden=32, batch=16, cql_samples=2, offline_rows=2000, cql_rows=2000, peak=256, variant_s=0.2)
 
@@ -209,6 +211,135 @@ def autocast(device: torch.device, on: bool):
 
 
 # -------------------------------------------------------------------------------------
+# CUDA-graph updates: checked and timed here, not in the scripts (whose --compile is torch.compile's
+# mode reduce-overhead on the losses); on a CPU they run eagerly
+# -------------------------------------------------------------------------------------
+class CudaGraph:
+    """fn() as one CUDA graph, one launch per step instead of hundreds. Calls 1..warmup run fn eagerly on a side
+    stream (allocator, cuBLAS workspaces, Adam states, torch.compile); the next captures it, and every call replays
+    it: each call is one step and returns fn's outputs, overwritten by the next replay. Assumes static shapes, no
+    host sync in fn, every state it changes updated in place (weights, buffers, Adams made capturable), torch's
+    graph-safe CUDA RNG (each replay advances its offset: new draws)."""
+
+    def __init__(self, fn, warmup: int = 3):
+        self.fn = fn
+        self.warmup = warmup
+        self.graph = torch.cuda.CUDAGraph()
+        self.out = None  # fn's outputs in the graph's memory
+
+    def __call__(self):
+        if self.warmup > 0:
+            self.warmup -= 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.fn()
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if self.out is None:
+            with torch.cuda.graph(self.graph):
+                self.out = self.fn()
+        self.graph.replay()
+        return self.out
+
+
+def make_capturable(*optimizers) -> None:
+    """Lets Adam.step() run inside a CUDA graph: fused Adam keeps its step count on the device anyway, so the flag
+    only passes torch's capture check (the fused kernel is the same)."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["capturable"] = True
+
+
+def graphed(fn, device: torch.device, optimizers=()):
+    """fn as a CudaGraph on CUDA (its optimizers made capturable), else fn itself."""
+    if device.type != "cuda":
+        return fn
+    make_capturable(*optimizers)
+    return CudaGraph(fn)
+
+
+def ratio_step(learner: ft.Learner, x: torch.Tensor, x_rl: torch.Tensor, args: ft.Args) -> tuple:
+    """off2on_finetune.update's density-ratio step on (s, a) rows x (uniform offline rows, then as many uniform online
+    rows) -> the priorities of the RL batch's (s, a) x_rl from the net before its step, and the statistics."""
+    w_off, w_on = learner.ratio(x).squeeze(-1).chunk(2)
+    loss = ft.ratio_loss(w_off, w_on)
+    learner.ratio_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    with torch.no_grad():
+        prio = ft.priorities(learner.ratio(x_rl).squeeze(-1), w_off, args.temperature, *args.priority_clip)
+    learner.ratio_opt.step()
+    stats = {"ratio_loss": loss.detach(), "w_offline_mean": w_off.detach().mean()}
+    return prio, {**stats, "w_online_mean": w_on.detach().mean()}
+
+
+def sac_step(learner: ft.Learner, batch: tuple, args: ft.Args, loss_fn=ft.sac_losses) -> dict:
+    """off2on_finetune.update's SAC step and Polyak averaging of the target critics."""
+    critic_loss, actor_loss, alpha_loss, stats = loss_fn(learner, batch, args.gamma)
+    learner.sac_opt.zero_grad(set_to_none=True)
+    (critic_loss + actor_loss + alpha_loss).backward()
+    learner.sac_opt.step()
+    with torch.no_grad():
+        for p, tp in zip(learner.critic.parameters(), learner.critic_target.parameters()):
+            tp.lerp_(p, args.tau)
+    return stats
+
+
+class GraphedUpdate:
+    """off2on_finetune.update as two CUDA graphs; on a CPU the same steps run eagerly (tests/test_gpu_check.py:
+    then exactly update()'s steps). Graph 1 gathers the RL batch at the sum-tree's indices (copied in), takes the
+    density-ratio step and the batch's priorities (copied out); graph 2 takes the SAC step. The host waits for graph 1
+    only and writes the priorities into the sum-tree while graph 2 runs, before the next batch is drawn, as update()
+    does. Uniform draws read a device copy of the online count (randint(2^62) % count, bias < 1e-13): no count is
+    baked into a graph."""
+
+    def __init__(self, learner: ft.Learner, replay: ft.Replay, args: ft.Args, loss_fn=ft.sac_losses):
+        self.learner = learner
+        self.replay = replay
+        self.args = args
+        self.loss_fn = loss_fn
+        self.cuda = replay.rows.device.type == "cuda"
+        self.idx_host = torch.zeros(args.batch_size, dtype=torch.long, pin_memory=self.cuda)  # copied in asynchronously
+        self.idx = torch.zeros(args.batch_size, dtype=torch.long, device=replay.rows.device)
+        self.n_online = torch.zeros((), dtype=torch.long, device=replay.rows.device)
+        optimizers = (learner.sac_opt, learner.ratio_opt)
+        self.ratio_graph = graphed(self.ratio_part, replay.rows.device, optimizers)
+        self.sac_graph = graphed(self.sac_part, replay.rows.device, optimizers)
+
+    def draw(self, lo: int, count: torch.Tensor) -> torch.Tensor:  # batch_size row indices uniform in [lo, lo + count)
+        return lo + torch.randint(2**62, (self.args.batch_size,), device=count.device) % count
+
+    def ratio_part(self) -> tuple:  # graph 1: uniform offline and online (s, a) rows, the density-ratio step
+        sa = self.replay.obs_dim + self.replay.act_dim
+        offline = torch.randint(self.replay.n_offline, (self.args.batch_size,), device=self.idx.device)
+        x = self.replay.rows[torch.cat([offline, self.draw(self.replay.n_offline, self.n_online)])][:, :sa]
+        return ratio_step(self.learner, x, self.replay.rows[self.idx][:, :sa], self.args)
+
+    def sac_part(self) -> dict:  # graph 2: the SAC step on the RL batch (drawn here unless by priority)
+        replay = self.replay
+        lo = 0 if self.args.replay == "uniform" else replay.n_offline
+        idx = self.idx if self.args.replay == "balanced" else self.draw(lo, self.n_online + replay.n_offline - lo)
+        stats = sac_step(self.learner, replay.split(replay.rows[idx]), self.args, self.loss_fn)
+        return {"online_fraction": (idx >= replay.n_offline).float().mean(), **stats}
+
+    def __call__(self) -> dict:
+        replay = self.replay
+        self.n_online.fill_(replay.n_online)
+        if self.args.replay == "balanced":
+            idx = replay.tree.sample(self.args.batch_size)
+            self.idx_host.numpy()[:] = idx  # free: the host waited for the last graph 1, after its last copy
+            self.idx.copy_(self.idx_host, non_blocking=True)
+            prio, ratio_stats = self.ratio_graph()
+            prio = prio.cpu().numpy()  # waits for graph 1 only: graph 2 is launched next
+        stats = self.sac_graph()
+        if self.args.replay == "balanced":  # the sum-tree is written while graph 2 runs
+            replay.tree.update(idx, prio)
+            replay.max_priority = max(replay.max_priority, float(prio.max()))
+            stats = {**stats, **ratio_stats}
+        return {k: v.clone() for k, v in stats.items()}  # the graphs' outputs are overwritten by the next replay
+
+
+# -------------------------------------------------------------------------------------
 # 1. system
 # -------------------------------------------------------------------------------------
 def part_system(part: dict, device: torch.device, size: Size) -> None:
@@ -310,16 +441,7 @@ def compare(ref: dict, other: dict) -> dict:
 
 
 def cql_args(size: Size) -> cq.Args:
-    """compile=True: the Agent's Adams are built capturable on CUDA (the CUDA-graph variants need it; the fused
-    kernel is the same); update() itself does not read the flag."""
-    return cq.Args(
-        members=size.members,
-        hidden=size.hidden,
-        batch_size=size.batch,
-        cql_samples=size.cql_samples,
-        bc_steps=0,
-        compile=True,
-    )
+    return cq.Args(members=size.members, hidden=size.hidden, batch_size=size.batch, cql_samples=size.cql_samples)
 
 
 def cql_agent(size: Size, device, seed: int) -> cq.Agent:
@@ -361,9 +483,7 @@ def ft_learner(size: Size, device, seed: int, fargs):
     lr = ft.Learner(actor, critic, fargs.lr)
     if device.type == "cpu":
         return lr
-    moved = ft.Learner(
-        copy.deepcopy(actor).to(device), copy.deepcopy(critic).to(device), fargs.lr, capturable=device.type == "cuda"
-    )
+    moved = ft.Learner(copy.deepcopy(actor).to(device), copy.deepcopy(critic).to(device), fargs.lr)
     moved.ratio.load_state_dict(lr.ratio.state_dict())
     moved.critic_target.load_state_dict(lr.critic_target.state_dict())
     return moved
@@ -400,19 +520,25 @@ def ft_once(size: Size, device, seed: int, use_tf32: bool, bf16: bool) -> dict:
     return {"losses": losses, "grads": grads(ft_named(lr)), "weights": weights}
 
 
-def cql_graph_pair(size: Size, device, seed: int, compiled: bool, steps: int = 5) -> list:
-    """Eager updates against the scripts' CUDA-graph path (CudaGraph; with torch.compile'd losses if
-    `compiled`) from identical agents, every step from the same torch seed (CPU and CUDA generators):
-    weight differences after each step past the warm-up (capture at step 4)."""
+def compiled(fn):
+    """The scripts' --compile: torch.compile with mode reduce-overhead (on CUDA its kernels replay as CUDA graphs)."""
+    return torch.compile(fn, mode="reduce-overhead")
+
+
+def cql_graph_pair(size: Size, device, seed: int, path: str, steps: int = 5) -> list:
+    """Eager updates against `path` ("compile": the script's --compile; "graph": each update as one CudaGraph) from
+    identical agents, every step from the same torch seed (CPU and CUDA generators): weight differences after each
+    step past the warm-up (a CudaGraph captures at step 4; torch.compile's CUDA graphs are recorded by then)."""
     args = cql_args(size)
     data = cqs.synthetic_data(size.cql_rows, size.obs, size.act, device)
-    eager, graphed = cql_agent(size, device, seed), cql_agent(size, device, seed)
-    loss_fn = torch.compile(cq.losses) if compiled else cq.losses
+    eager = cql_agent(size, device, seed)
+    other = cql_agent(size, device, seed)
+    loss_fn = compiled(cq.losses) if path == "compile" else cq.losses
 
-    def graphed_update():
-        return cq.update(graphed, data, False, args, loss_fn)
+    def other_update():
+        return cq.update(other, data, False, args, loss_fn)
 
-    step = cq.CudaGraph(graphed_update) if device.type == "cuda" else graphed_update
+    step = graphed(other_update, device, other.opts) if path == "graph" else other_update
     out = []
     for i in range(steps):
         torch.manual_seed(seed + 10 + i)
@@ -421,35 +547,45 @@ def cql_graph_pair(size: Size, device, seed: int, compiled: bool, steps: int = 5
         step()
         sync(device)
         if i >= 3:
-            out.append({"step": i + 1, **compare(tensors(cql_named(eager)), tensors(cql_named(graphed)))})
+            out.append({"step": i + 1, **compare(tensors(cql_named(eager)), tensors(cql_named(other)))})
     return out
 
 
-def ft_graph_pair(size: Size, device, seed: int, compiled: bool, steps: int = 5) -> list:
-    """off2on_finetune.GraphedUpdate (CUDA graphs; torch.compile'd losses if `compiled`) against the
-    same object with its two graphs replaced by the plain eager functions, from identical learners and
-    buffers, every step from the same numpy and torch seeds: weights and sum-tree after each step past the
-    warm-up."""
+def ft_graph_pair(size: Size, device, seed: int, path: str, steps: int = 5) -> list:
+    """Eager fine-tune updates against `path` from identical learners and buffers, every step from the same numpy
+    and torch seeds: weights and sum-tree after each step past the warm-up. "compile": off2on_finetune.update with
+    the script's --compile losses against update(); "graph": GraphedUpdate against the same object with its two
+    graphs replaced by the plain eager functions (the same draws)."""
     fargs = ft.Args(batch_size=size.batch)
-    ref_lr, graph_lr = ft_learner(size, device, seed, fargs), ft_learner(size, device, seed, fargs)
-    ref = ft.GraphedUpdate(ref_lr, ft_buffer(size, device, seed, fargs), fargs)
-    ref.ratio_graph, ref.sac_graph = ref.ratio_part, ref.sac_part  # the same code, eager
-    loss_fn = torch.compile(ft.sac_losses) if compiled else ft.sac_losses
-    graphed = ft.GraphedUpdate(graph_lr, ft_buffer(size, device, seed, fargs), fargs, loss_fn)
+    ref_lr = ft_learner(size, device, seed, fargs)
+    other_lr = ft_learner(size, device, seed, fargs)
+    ref_buf = ft_buffer(size, device, seed, fargs)
+    other_buf = ft_buffer(size, device, seed, fargs)
+    if path == "graph":
+        ref = GraphedUpdate(ref_lr, ref_buf, fargs)
+        ref.ratio_graph = ref.ratio_part  # the same code, eager
+        ref.sac_graph = ref.sac_part
+        other = GraphedUpdate(other_lr, other_buf, fargs)
+    else:
+        loss_fn = compiled(ft.sac_losses)
+
+        def ref():
+            return ft.update(ref_lr, ref_buf, fargs)
+
+        def other():
+            return ft.update(other_lr, other_buf, fargs, loss_fn)
+
     out = []
     for i in range(steps):
-        for run in (ref, graphed):
+        for run in (ref, other):
             np.random.seed(seed + 20 + i)
             torch.manual_seed(seed + 20 + i)
             run()
         sync(device)
         if i >= 3:
-            a = tensors(ft_named(ref_lr))
-            b = tensors(ft_named(graph_lr))
-            leaves = {k: torch.from_numpy(r.replay.tree.nodes.copy()) for k, r in (("tree", ref), ("other", graphed))}
-            out.append(
-                {"step": i + 1, **compare(a, b), "sum_tree": compare({"t": leaves["tree"]}, {"t": leaves["other"]})}
-            )
+            trees = [{"t": torch.from_numpy(buf.tree.nodes.copy())} for buf in (ref_buf, other_buf)]
+            out.append({"step": i + 1, **compare(tensors(ft_named(ref_lr)), tensors(ft_named(other_lr)))})
+            out[-1]["sum_tree"] = compare(*trees)
     return out
 
 
@@ -490,32 +626,31 @@ def part_equivalence(part: dict, device: torch.device, size: Size, check: Check,
         "",
     ]
     graph_rows = []
-    modes = [("CUDA graph", False)]
+    paths = [("CUDA graph", "graph")]
     if check.compile and (device.type == "cuda" or check.compile_on_cpu):
-        modes.append(("--compile (torch.compile + CUDA graph)", True))
-    if len(modes) > 1:
+        paths.append((COMPILE_LABEL, "compile"))
         import torch._inductor.config as inductor_config
 
         inductor_config.fallback_random = True  # compiled code draws with eager's RNG ops: the same numbers
-    for label, compiled in modes:
+    for label, path in paths:
         for script, pair in (("CQL ensemble", cql_graph_pair), ("fine-tune", ft_graph_pair)):
             key = f"{script}: {label} vs eager"
             try:
                 t0 = time.time()
-                steps = pair(size, device, check.seed, compiled)
+                steps = pair(size, device, check.seed, path)
                 r[key] = {"steps": steps, "seconds": time.time() - t0}
                 for s in steps:
                     graph_rows.append([script, label, s["step"], s["max_abs"], s["max_rel"], time.time() - t0])
-                state[f"{script} {'compile' if compiled else 'graph'} ok"] = True
+                state[f"{script} {path} ok"] = True
             except PartTimeout:
                 raise
             except Exception as e:  # noqa: BLE001 (recorded; the other variants still run)
                 r[key] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
                 graph_rows.append([script, label, "error", f"{type(e).__name__}: {str(e)[:200]}", "", ""])
     lines += [
-        f"The scripts' graph path vs eager on {device} (same states, same seeds at every step; steps 1-3 are "
-        "the eager warm-up, step 4 is captured and replayed, step 5 replayed; weights compared after the "
-        "step; on a CPU the graph path runs eagerly):",
+        f"The CUDA-graph updates (this check's, not the scripts') and the scripts' --compile vs eager on {device} "
+        "(same states, same seeds at every step; a CudaGraph runs steps 1-3 eagerly, captures and replays step 4, "
+        "replays step 5; weights compared after the step; on a CPU the CUDA-graph path runs eagerly):",
         "",
     ]
     lines += table(["update", "path", "step", "weights abs", "weights rel", "seconds (incl. compile)"], graph_rows)
@@ -545,7 +680,7 @@ def measure(step, device, min_seconds: float, warmup: int = 4) -> dict:
 
 
 def cql_variants(device: torch.device, size: Size, check: Check) -> list:
-    """(label, precision, make) of the CQL-ensemble speed variants; make() -> (step, cleanup-free)."""
+    """(label, precision, make) of the CQL-ensemble speed variants; make() -> step."""
     args = cql_args(size)
     data = cqs.synthetic_data(size.cql_rows, size.obs, size.act, device)
     n = size.members
@@ -558,7 +693,7 @@ def cql_variants(device: torch.device, size: Size, check: Check) -> list:
                 with autocast(device, bf16):
                     return cq.update(agent, data, False, args, loss_fn)
 
-            return cq.CudaGraph(step) if graph and device.type == "cuda" else step
+            return graphed(step, device, agent.opts) if graph else step
 
         return make
 
@@ -570,7 +705,7 @@ def cql_variants(device: torch.device, size: Size, check: Check) -> list:
             def step():
                 return [cq.update(a, data, False, args) for a in agents]
 
-            return cq.CudaGraph(step) if graph and device.type == "cuda" else step
+            return graphed(step, device, [opt for a in agents for opt in a.opts]) if graph else step
 
         return make
 
@@ -588,11 +723,9 @@ def cql_variants(device: torch.device, size: Size, check: Check) -> list:
             ("vectorized, CUDA graph, bf16 autocast", "bf16", vectorized(True, bf16=True)),
         ]
     if check.compile and (cuda or check.compile_on_cpu):
-        variants.append(
-            ("vectorized, --compile (torch.compile + CUDA graph)", "fp32", vectorized(True, torch.compile(cq.losses)))
-        )
+        variants.append((f"vectorized, {COMPILE_LABEL}", "fp32", vectorized(False, compiled(cq.losses))))
         if cuda:
-            variants.append(("vectorized, --compile --tf32", "tf32", vectorized(True, torch.compile(cq.losses))))
+            variants.append(("vectorized, --compile --tf32", "tf32", vectorized(False, compiled(cq.losses))))
     return variants
 
 
@@ -601,31 +734,35 @@ def ft_variants(device: torch.device, size: Size, check: Check) -> list:
     data = fts.fake_data(size.offline_rows, size.obs, size.act, np.random.default_rng(check.seed))
     capacity = 30_000 if size is PAPER else 5_000
 
-    def setup(loop: bool, mode: str, loss_fn=ft.sac_losses):
+    def setup(loop: bool, graph: bool, loss_fn=ft.sac_losses):
+        def make_step(learner, replay):
+            return GraphedUpdate(learner, replay, fargs, loss_fn)
+
         def make():
             lr = fts.learner(size.obs, size.act, size.members, size.hidden, fargs, device, check.seed, loop)
-            s = fts.Setup(lr, "halfcheetah", fargs, device, data, capacity, check.seed, mode, loss_fn)
+            graphs = make_step if graph else None
+            s = fts.Setup(lr, "halfcheetah", fargs, device, data, capacity, check.seed, loss_fn, graphs)
             return lambda: s.iterate(1)
 
         return make
 
     cuda = device.type == "cuda"
     variants = [
-        ("vectorized, eager", "fp32", setup(False, "eager")),
-        ("member-by-member, eager", "fp32", setup(True, "eager")),
-        ("vectorized, eager, bf16 autocast (SAC losses)", "bf16", setup(False, "eager", fts.bf16_losses)),
+        ("vectorized, eager", "fp32", setup(False, False)),
+        ("member-by-member, eager", "fp32", setup(True, False)),
+        ("vectorized, eager, bf16 autocast (SAC losses)", "bf16", setup(False, False, fts.bf16_losses)),
     ]
     if cuda:
         variants += [
-            ("vectorized, CUDA graphs", "fp32", setup(False, "graph")),
-            ("member-by-member, CUDA graphs", "fp32", setup(True, "graph")),
-            ("vectorized, CUDA graphs, TF32", "tf32", setup(False, "graph")),
-            ("vectorized, CUDA graphs, bf16 autocast (SAC losses)", "bf16", setup(False, "graph", fts.bf16_losses)),
+            ("vectorized, CUDA graphs", "fp32", setup(False, True)),
+            ("member-by-member, CUDA graphs", "fp32", setup(True, True)),
+            ("vectorized, CUDA graphs, TF32", "tf32", setup(False, True)),
+            ("vectorized, CUDA graphs, bf16 autocast (SAC losses)", "bf16", setup(False, True, fts.bf16_losses)),
         ]
     if check.compile and (cuda or check.compile_on_cpu):
-        variants.append(("vectorized, --compile (torch.compile + CUDA graphs)", "fp32", setup(False, "compile")))
+        variants.append((f"vectorized, {COMPILE_LABEL}", "fp32", setup(False, False, compiled(ft.sac_losses))))
         if cuda:
-            variants.append(("vectorized, --compile --tf32", "tf32", setup(False, "compile")))
+            variants.append(("vectorized, --compile --tf32", "tf32", setup(False, False, compiled(ft.sac_losses))))
     return variants
 
 
@@ -730,11 +867,7 @@ def part_end_to_end(part: dict, device: torch.device, size: Size, check: Check, 
     episodes, steps = (2, 50) if quick else (10, 1000)
     r["dataset_rows"] = write_rollout_hdf5(dataset_path, actor, episodes, steps, check.seed)
     use_compile = device.type == "cuda" and check.compile and state.get("fine-tune compile ok", False)
-    rate_key = (
-        "fine-tune: vectorized, --compile (torch.compile + CUDA graphs)"
-        if use_compile
-        else "fine-tune: vectorized, eager"
-    )
+    rate_key = f"fine-tune: vectorized, {COMPILE_LABEL}" if use_compile else "fine-tune: vectorized, eager"
     rate = state.get(rate_key) or 50.0
     # an epoch (1,000 env steps + 1,000 updates) at the measured rate; enough of them to outlast `seconds`
     online = 200 if quick else int(min(250_000, max(20_000, 3 * rate * seconds)) // 1000 * 1000)

@@ -32,14 +32,7 @@ DIFFERENT_ON_PURPOSE = {
     "restore_checkpoint": "each script restores its own training state",
     "update": "each algorithm's own gradient step",
 }
-ENSEMBLE_NETWORKS = (
-    "VectorizedLinear",
-    "VectorizedGemv",
-    "EnsembleActor",
-    "EnsembleCritic",
-    "LOG_STD_MIN",
-    "LOG_STD_MAX",
-)
+ENSEMBLE_NETWORKS = ("VectorizedLinear", "mlp", "EnsembleActor", "EnsembleCritic", "LOG_STD_MIN", "LOG_STD_MAX")
 
 
 def rel(path: str) -> str:

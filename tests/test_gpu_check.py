@@ -1,14 +1,13 @@
 """The speed paths and their check: benchmarks/gpu_check.py at small size on the CPU (so that the report a
-GPU machine will produce cannot rot unseen), the one-output layer's hand-written gradients, the analytic
-FLOP counts of the benchmarks, and the CUDA-graph fine-tune step's host-side logic (which runs eagerly on
-a CPU)."""
+GPU machine will produce cannot rot unseen), the hand-written gradients of the benchmark's one-output layer,
+the analytic FLOP counts of the benchmarks, and the host-side logic of gpu_check's CUDA-graph fine-tune update
+(which runs eagerly on a CPU)."""
 
 import json
 import os
 import subprocess
 import sys
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -18,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import cql_ensemble_speed as cqs  # noqa: E402
 import finetune_speed as fts  # noqa: E402
+import gpu_check  # noqa: E402
 
 import off2on_cql_ensemble as cq  # noqa: E402
 import off2on_finetune as ft  # noqa: E402
@@ -76,24 +76,25 @@ def test_gpu_check_rejects_unknown_parts(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error: unknown --parts")
 
 
-def test_one_output_layer_gradients_equal_baddbmm():
+def test_benchmark_one_output_layer_gradients_equal_baddbmm():
+    """cql_ensemble_speed.py --gemv: VectorizedGemv computes the one-output layers with baddbmm's gradients."""
     torch.manual_seed(0)
     layer = cq.VectorizedLinear(7, 1, 3).double()
     x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(cq.VectorizedGemv.apply, (x, layer.weight, layer.bias))
+    assert torch.autograd.gradcheck(cqs.VectorizedGemv.apply, (x, layer.weight, layer.bias))
     g = torch.randn(3, 5, 1, dtype=torch.float64)
-    ours = torch.autograd.grad(layer(x), (x, layer.weight, layer.bias), g)
+    with cqs.gemv_output_layers(cq):
+        gemv = torch.autograd.grad(layer(x), (x, layer.weight, layer.bias), g)
     reference = torch.autograd.grad(torch.baddbmm(layer.bias, x, layer.weight), (x, layer.weight, layer.bias), g)
-    for a, b in zip(ours, reference):
+    for a, b in zip(gemv, reference):
         torch.testing.assert_close(a, b)
+    with cqs.gemv_output_layers(cq):  # layers with more outputs stay baddbmm
+        wide = cq.VectorizedLinear(7, 4, 3).double()
+        torch.testing.assert_close(wide(x), torch.baddbmm(wide.bias, x, wide.weight))
+    assert cq.VectorizedLinear.forward.__name__ == "forward"  # restored on leaving
 
 
-def baddbmm_layers(self, x):
-    return torch.baddbmm(self.bias, x, self.weight)
-
-
-def test_cql_update_flops_equal_the_flop_counter(monkeypatch):
-    monkeypatch.setattr(cq.VectorizedLinear, "forward", baddbmm_layers)  # every matmul counted as a matmul
+def test_cql_update_flops_equal_the_flop_counter():
     n, b, k, od, ad, h = 2, 8, 3, 5, 2, 16
     args = cq.Args(members=n, hidden=h, batch_size=b, cql_samples=k)
     agent = cq.Agent(od, ad, n, h, args, "cpu")
@@ -117,8 +118,7 @@ def small_learner_and_buffer(replay_seed: int = 0, ratio_hidden: int = 12):
     return learner, replay
 
 
-def test_finetune_iteration_flops_equal_the_flop_counter(monkeypatch):
-    monkeypatch.setattr(ft.VectorizedLinear, "forward", baddbmm_layers)
+def test_finetune_iteration_flops_equal_the_flop_counter():
     learner, replay = small_learner_and_buffer()
     obs = np.random.default_rng(1).standard_normal((1, 5)).astype(np.float32)
     for mode in ("balanced", "uniform"):
@@ -135,12 +135,13 @@ def state_of(learner, replay) -> list:
 
 @pytest.mark.parametrize("mode", ["balanced", "uniform", "online-only"])
 def test_graphed_update_on_cpu_is_update(mode):
-    """GraphedUpdate (its graphs run eagerly on a CPU) takes the same steps as update(): with the uniform draws of
-    update() in place of its device-count draws, the same weights, sum-tree, max priority and statistics."""
+    """gpu_check.GraphedUpdate (its graphs run eagerly on a CPU) takes the same steps as off2on_finetune.update():
+    with the uniform draws of update() in place of its device-count draws, the same weights, sum-tree, max priority
+    and statistics."""
     args = ft.Args(batch_size=64, replay=mode)
     eager = small_learner_and_buffer()
     graphed = small_learner_and_buffer()
-    step = ft.GraphedUpdate(*graphed, args)
+    step = gpu_check.GraphedUpdate(*graphed, args)
     step.draw = lambda lo, count: torch.randint(lo, lo + int(count), (args.batch_size,))  # update()'s draws
     for i in range(3):
         np.random.seed(i)
@@ -160,7 +161,7 @@ def test_graphed_update_on_cpu_is_update(mode):
 def test_graphed_update_draws_reach_every_row_and_no_other():
     learner, replay = small_learner_and_buffer()
     for mode, low in (("online-only", replay.n_offline), ("uniform", 0)):
-        step = ft.GraphedUpdate(learner, replay, ft.Args(batch_size=4000, replay=mode))
+        step = gpu_check.GraphedUpdate(learner, replay, ft.Args(batch_size=4000, replay=mode))
         step()  # sets the device copy of the online count
         drawn = step.draw(low, step.n_online + (replay.n_offline if mode == "uniform" else 0))
         assert drawn.min() == low and drawn.max() == replay.n_offline + replay.n_online - 1
@@ -170,26 +171,3 @@ def test_graphed_update_draws_reach_every_row_and_no_other():
         replay.add_online(np.zeros((5, replay.rows.shape[1]), np.float32))  # the next draws see the new rows
         step()
         assert step.draw(low, step.n_online + (replay.n_offline - low)).max() == replay.n_offline + replay.n_online - 1
-
-
-def test_loaded_checkpoints_keep_this_runs_capturable_adams(tmp_path):
-    """CUDA graphs need capturable Adams; Adam.load_state_dict would take the flag of the run that saved the state."""
-    args = cq.Args(members=2, hidden=8)
-    agent = cq.Agent(5, 2, 2, 8, args, "cpu")
-    for opt in agent.opts:
-        opt.param_groups[0]["capturable"] = True
-    cq.load_agent(agent, cq.checkpoint_dict(cq.Agent(5, 2, 2, 8, args, "cpu"), args, 0), "ckpt", optimizers=True)
-    assert all(opt.param_groups[0]["capturable"] for opt in agent.opts)
-
-    saved, replay = small_learner_and_buffer()
-    env = gym.make("Hopper-v5")
-    episode = {"obs": env.reset(seed=0)[0], "ep_return": 0.0, "ep_length": 0}
-    counters = {"env_steps": 20, "updates": 20, "epoch": 1, "evals": 1}
-    ckpt = ft.checkpoint_dict(ft.Args(), saved, replay, env, episode, counters)
-    learner = ft.Learner(ft.EnsembleActor(5, 2, 2, 16), ft.EnsembleCritic(5, 2, 2, 16), 3e-4, capturable=True)
-    learner.ratio = ft.density_ratio_net(7, 12)
-    learner.ratio_opt = torch.optim.Adam(learner.ratio.parameters(), capturable=True)
-    fresh = ft.Replay(fts.fake_data(50, 5, 2, np.random.default_rng(0)), 100, torch.device("cpu"), 0.5)
-    ft.restore_checkpoint(ckpt, learner, fresh, env, dict(episode), dict(counters), str(tmp_path))
-    assert learner.sac_opt.param_groups[0]["capturable"] and learner.ratio_opt.param_groups[0]["capturable"]
-    torch.testing.assert_close(learner.critic.net[0].weight, saved.critic.net[0].weight)
