@@ -105,7 +105,7 @@ def timed(step_fn, device, warmup: int, updates: int, repeats: int, clock=time.p
 
 
 def main(bench: Bench) -> None:
-    device = cq.pick_device(bench.device)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if bench.device == "auto" else bench.device)
     if bench.threads > 0:
         torch.set_num_threads(bench.threads)
     if bench.cpu_time and (device.type != "cpu" or torch.get_num_threads() != 1):
@@ -124,8 +124,8 @@ def main(bench: Bench) -> None:
     if device.type == "cpu" and bench.keep_freed_memory:
         cq.keep_freed_memory()
     args = cq.Args(members=n, hidden=bench.hidden, batch_size=b, cql_samples=bench.cql_samples, bc_steps=0)
-    make = lambda size: cq.Agent(bench.obs_dim, bench.act_dim, size, bench.hidden, args, device)
-    vec, loop = make(n), [make(1) for _ in range(n)]
+    vec = cq.Agent(bench.obs_dim, bench.act_dim, n, bench.hidden, args, device)
+    loop = [cq.Agent(bench.obs_dim, bench.act_dim, 1, bench.hidden, args, device) for _ in range(n)]
 
     flops = update_flops(n, b, bench.cql_samples, bench.obs_dim, bench.act_dim, bench.hidden)
     peak = matmul_peak(device, bench.peak_size, clock=clock)

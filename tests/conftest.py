@@ -12,14 +12,15 @@ import torch
 torch.set_num_threads(1)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(ROOT), "shared")
-OFFICIAL = os.path.join(SHARED, "official-cql-checkpoints", "halfcheetah-medium-v0")
+# A folder of the authors' five released halfcheetah-medium CQL agents (the folder rlkit/data/cql/ of
+# github.com/shlee94/Off2OnRL) for the test of `off2on_cql_ensemble.py --import-official`, skipped without it.
+OFFICIAL = os.environ.get("OFF2ON_OFFICIAL_AGENTS", "")
 sys.path.insert(0, ROOT)
 
 
 @pytest.fixture(autouse=True)
 def _isolated_minari(tmp_path_factory, monkeypatch):
-    """Point Minari at a per-session temp folder so tests neither read nor write ~/.minari."""
+    """Point Minari at a temp folder of the test run so tests neither read nor write ~/.minari."""
     path = tmp_path_factory.getbasetemp() / "minari"
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(path))
     return path
@@ -66,5 +67,5 @@ def write_tiny_dataset(env: str, kind: str, episodes: int = 3, steps: int = 50, 
 
 @pytest.fixture
 def tiny_dataset():
-    """Call as tiny_dataset("hopper", "medium-replay") -> dataset id (made once per session)."""
+    """Call as tiny_dataset("hopper", "medium-replay") -> dataset id (made once per test run)."""
     return write_tiny_dataset

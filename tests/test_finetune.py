@@ -6,6 +6,7 @@ import csv
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ import off2on_finetune as ft
 
 
 def ensemble_file(path, env="hopper", dataset="medium-replay", obs_dim=11, act_dim=3, n=3, hidden=16, seed=0):
-    """An ensemble file in the SPEC.md hand-off format, made from the shared nets."""
+    """An ensemble file in the hand-off format of off2on_cql_ensemble.py, made from the networks of the script."""
     torch.manual_seed(seed)
     actor, critic = ft.EnsembleActor(obs_dim, act_dim, n, hidden), ft.EnsembleCritic(obs_dim, act_dim, n, hidden)
     torch.save(
@@ -129,13 +130,13 @@ def test_replay_initial_online_share_and_max_priority():
         "terminals": np.zeros(m, np.float32),
     }
     for f in (0.5, 0.1):
-        buf = ft.Replay(data, 2000, torch.device("cpu"), init_online_fraction=f)
-        assert buf.max_priority == pytest.approx(m * f / ((1 - f) * 1000))
-        buf.add_online(np.ones((1000, buf.rows.shape[1]), np.float32))
-        online_mass = buf.tree.nodes[buf.tree.start + m : buf.tree.start + m + 1000].sum()
-        assert online_mass / buf.tree.nodes[0] == pytest.approx(f)  # the first 1,000 online rows hold f
-        assert torch.equal(buf.rows[m : m + 1000], torch.ones(1000, buf.rows.shape[1]))
-    s, a, r, s2, dn = buf.split(buf.rows[m - 1 : m + 1])
+        replay = ft.Replay(data, 2000, torch.device("cpu"), init_online_fraction=f)
+        assert replay.max_priority == pytest.approx(m * f / ((1 - f) * 1000))
+        replay.add_online(np.ones((1000, replay.rows.shape[1]), np.float32))
+        online_mass = replay.tree.nodes[replay.tree.start + m : replay.tree.start + m + 1000].sum()
+        assert online_mass / replay.tree.nodes[0] == pytest.approx(f)  # the first 1,000 online rows hold f
+        assert torch.equal(replay.rows[m : m + 1000], torch.ones(1000, replay.rows.shape[1]))
+    s, a, r, s2, dn = replay.split(replay.rows[m - 1 : m + 1])
     assert s.shape == (2, d) and a.shape == (2, 1) and r.shape == (2,) and s2.shape == (2, d) and dn.shape == (2,)
 
 
@@ -211,7 +212,7 @@ def test_moment_matching_equals_monte_carlo_of_the_mixture():
     n, b, a = 4, 3, 2
     mu_i, log_std_i = torch.randn(n, b, a, dtype=torch.float64), torch.randn(n, b, a, dtype=torch.float64) * 0.5
     mu, std = ft.ensemble_moments(mu_i, log_std_i)
-    paper = (log_std_i.exp() ** 2 + mu_i**2).mean(0) - mu_i.mean(0) ** 2  # the issue's formula
+    paper = (log_std_i.exp() ** 2 + mu_i**2).mean(0) - mu_i.mean(0) ** 2  # the formula of the paper
     torch.testing.assert_close(std**2, paper)
     k = 400_000  # the uniform mixture of the members' Gaussians
     member = torch.randint(0, n, (k, b, a))
@@ -230,7 +231,7 @@ def test_ensemble_policy_log_prob_is_the_tanh_gaussian_density():
     actor = ft.EnsembleActor(4, 2, 3, 8).double()
     obs = torch.randn(5, 4, dtype=torch.float64)
     torch.manual_seed(2)
-    act, logp = ft.ensemble_policy(actor, obs, 3)
+    act, logp = ft.ensemble_policy(actor, obs)
     mu, std = ft.ensemble_moments(*actor(obs.expand(3, 5, 4)))
     dist = torch.distributions.TransformedDistribution(
         torch.distributions.Normal(mu, std), [torch.distributions.TanhTransform()]
@@ -253,9 +254,10 @@ def test_sac_losses_match_a_member_by_member_hand_computation():
     s, a, s2 = torch.randn(b, od).double(), torch.rand(b, ad).double() * 2 - 1, torch.randn(b, od).double()
     r, d = torch.randn(b).double(), (torch.arange(b) % 3 == 1).double()
     torch.manual_seed(5)
-    critic_loss, actor_loss, alpha_loss, _ = ft.sac_losses(
-        actor, critic, target, log_alpha, (s, a, r, s2, d), n, gamma, -float(ad)
+    learner = SimpleNamespace(
+        members=n, actor=actor, critic=critic, critic_target=target, log_alpha=log_alpha, target_entropy=-float(ad)
     )
+    critic_loss, actor_loss, alpha_loss, _ = ft.sac_losses(learner, (s, a, r, s2, d), gamma)
     torch.manual_seed(5)  # the same two noise draws, in order: for s' (target) then for s (actor)
     eps_next, eps = torch.randn(b, ad, dtype=torch.float64), torch.randn(b, ad, dtype=torch.float64)
 

@@ -1,5 +1,5 @@
-"""MuJoCo's warning filter in the data section every algorithm script carries (tested through baselines/sac.py's
-copy): gymnasium's half_cheetah.xml sets the deprecated compiler attribute settotalmass, and MuJoCo warns about it
+"""MuJoCo's warning filter in the plumbing block every algorithm script carries (tested through three of the copies):
+gymnasium's half_cheetah.xml sets the deprecated compiler attribute settotalmass, and MuJoCo warns about it
 at every compilation; importing a script drops exactly that message, while every other MuJoCo warning still
 reaches stderr."""
 
@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 SETTOTALMASS = "compiler attribute 'settotalmass' is deprecated"
@@ -22,7 +23,7 @@ import mujoco
 gym.make("HalfCheetah-v5")
 print("--- script imported", file=sys.stderr, flush=True)
 sys.path.insert(0, {ROOT!r})
-from baselines import sac
+import {{module}}
 
 for _ in range(3):
     gym.make("HalfCheetah-v5")
@@ -35,10 +36,16 @@ mujoco.mj_step(model, data)
 """
 
 
-def test_settotalmass_warning_dropped_other_warnings_kept(tmp_path):
+@pytest.mark.parametrize("module", ["baselines.sac", "off2on_cql_ensemble", "off2on_finetune"])
+def test_settotalmass_warning_dropped_other_warnings_kept(tmp_path, module):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [sys.executable, "-c", PROGRAM], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", PROGRAM.format(module=module)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     before, after = result.stderr.split("--- script imported")
