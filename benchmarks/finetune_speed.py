@@ -135,7 +135,7 @@ class Setup:
             self.staged = []
 
     def iterate(self, k: int) -> None:
-        for i in range(k):
+        for _ in range(k):
             self.step_env(1)
             ft.train_step(self.lr, self.buf, self.fargs)
             if len(self.staged) == 250:  # the script adds an epoch's rows at once; amortized the same
@@ -186,8 +186,8 @@ def main(args: Args) -> None:
         s.iterate(args.warmup)
     rates = {k: [] for k in setups}
     for _ in range(args.repeats):
-        for k, s in setups.items():
-            rates[k].append(args.iters / timed(lambda: s.iterate(args.iters), device))
+        for k, setup in setups.items():
+            rates[k].append(args.iters / timed(lambda setup=setup: setup.iterate(args.iters), device))
     med = {k: statistics.median(v) for k, v in rates.items()}
     print("| implementation | iterations/s (median) | all repeats | 250k online steps |\n|---|---|---|---|")
     for k in setups:
