@@ -31,6 +31,7 @@ to <work dir>/medium_snapshot.pt; re-running skips finished datasets and continu
 """
 
 import os
+import random
 import subprocess
 import sys
 import time
@@ -94,6 +95,34 @@ class Args:
     """log SAC to Weights & Biases"""
     wandb_project: str = "off2on"
     """wandb project name (with --track)"""
+
+
+def local_id(env: str, kind: str) -> str:  # the Minari id of a dataset made here, the --dataset kinds of the scripts
+    return f"off2on/{env}/{kind}-v0"
+
+
+def pick_device(name: str) -> torch.device:  # auto: cuda where a CUDA GPU is visible, else cpu
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") or (name == "cuda" and not torch.cuda.is_available()):
+        raise sac.InputError(f"--device {name}: use auto, cpu, or cuda where a CUDA GPU is visible")
+    return torch.device(name)
+
+
+def seed_all(seed: int) -> None:
+    for seed_rng in (random.seed, np.random.seed, torch.manual_seed):
+        seed_rng(seed)
+
+
+def policy(actor: sac.Actor, deterministic: bool):
+    """A SAC actor as a rollout policy: obs batch (numpy) -> actions (numpy), the mean action or a sample."""
+    device = actor.mu.weight.device
+
+    @torch.no_grad()
+    def act(obs):
+        return actor.act(torch.as_tensor(obs, dtype=torch.float32, device=device), deterministic).cpu().numpy()
+
+    return act
 
 
 def dataset_dir(ds_id: str) -> str:
@@ -233,7 +262,7 @@ def write(
 
     import minari
 
-    ds_id = sac.local_dataset_id(args.env, kind)
+    ds_id = local_id(args.env, kind)
     if ds_id in minari.list_local_datasets():  # an interrupted earlier write
         minari.delete_dataset(ds_id)
     episodes = [replace(ep, id=i) for i, ep in enumerate(episodes)]
@@ -272,7 +301,7 @@ def report(env: str, kind: str, episodes, returns, seconds: float) -> None:
     steps = sum(len(ep.rewards) for ep in episodes)
     mean = returns.mean() if len(returns) else float("nan")
     print(
-        f"{sac.local_dataset_id(env, kind)}: {steps} transitions, {len(episodes)} episodes, "
+        f"{local_id(env, kind)}: {steps} transitions, {len(episodes)} episodes, "
         f"mean return {mean:.1f}, normalized score {float(sac.normalized_score(env, mean)):.1f}, "
         f"made in {seconds / 60:.1f} min",
         flush=True,
@@ -310,7 +339,8 @@ RECIPE = (
 
 
 def main(args: Args) -> None:
-    env_id = sac.check_env(args.env)
+    obs_dim, act_dim = sac.env_dims(args.env)  # one line for an unknown env
+    env_id = sac.ENVS[args.env]
     for k in args.kinds:
         if k not in (*ORDER, ROLLOUTS):
             raise sac.InputError(f"unknown kind {k!r}; choose from: {' '.join(ORDER)} {ROLLOUTS}")
@@ -324,31 +354,23 @@ def main(args: Args) -> None:
             raise sac.InputError(f"--{name.replace('_', '-')} must be positive")
     work = args.work_dir or os.path.join("checkpoints", "make_dataset", args.env)
     want = set(args.kinds) | ({"medium", "expert"} if "medium-expert" in args.kinds else set())
-    todo = [k for k in ORDER if k in want and not is_made(sac.local_dataset_id(args.env, k))]
+    todo = [k for k in ORDER if k in want and not is_made(local_id(args.env, k))]
     for k in ORDER:
         if k in want and k not in todo:
-            print(
-                f"{sac.local_dataset_id(args.env, k)} exists, skipped "
-                f"(`minari delete {sac.local_dataset_id(args.env, k)}` to remake it)"
-            )
+            print(f"{local_id(args.env, k)} exists, skipped (`minari delete {local_id(args.env, k)}` to remake it)")
     if ROLLOUTS in args.kinds:
         make_policy_rollouts(args, env_id)
     if not todo:
         return
-    device = sac.pick_device(args.device)
-    probe = gym.make(env_id)
-    obs_dim, act_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
-    probe.close()
+    device = pick_device(args.device)
     rollout_kind = "mean actions" if args.deterministic else "actions sampled from the stochastic policy"
     print(f"making {', '.join(todo)} for {env_id}; work dir {work}", flush=True)
 
     if "random" in todo:
         t0 = time.time()
-        sac.seed_everything(args.seed)
+        seed_all(args.seed)
         actor = sac.Actor(obs_dim, act_dim, args.hidden).to(device)
-        eps, rets = rollout(
-            env_id, sac.policy_fn(actor, device, deterministic=False), args.n_steps, args.n_envs, args.seed + 1
-        )
+        eps, rets = rollout(env_id, policy(actor, deterministic=False), args.n_steps, args.n_envs, args.seed + 1)
         write(
             args,
             "random",
@@ -385,10 +407,8 @@ def main(args: Args) -> None:
             batch_size=args.batch_size,
         )
         print(f"SAC: medium threshold {thr:.1f} (eval return); budget {args.sac_steps} env steps", flush=True)
-        gen = sac.train(sargs)
-        for p in gen:
-            if p.env_steps == 0:  # the untrained policy's evaluation: no transition to snapshot yet
-                continue
+
+        def after_eval(p: sac.Progress) -> bool:  # after each SAC evaluation; True: stop SAC (it checkpoints first)
             ret = float(p.eval_returns.mean())
             print(
                 f"SAC {p.env_steps} env steps, {p.updates} updates: eval return {ret:.1f} "
@@ -414,9 +434,9 @@ def main(args: Args) -> None:
                     f"({time.time() - t0:.0f} s of SAC this run)",
                     flush=True,
                 )
-            if os.path.exists(snap_path) and not need_expert:
-                break
-        gen.close()  # writes a SAC checkpoint if stopped early
+            return os.path.exists(snap_path) and not need_expert
+
+        sac.main(sargs, after_eval)
         print(f"SAC stage: {(time.time() - t0) / 60:.1f} min", flush=True)
     if ({"medium", "medium-replay"} & set(todo)) and not os.path.exists(snap_path):
         raise sac.InputError(
@@ -433,9 +453,7 @@ def main(args: Args) -> None:
             torch.manual_seed(args.seed + 2)
             actor = sac.Actor(obs_dim, act_dim, args.hidden).to(device)
             actor.load_state_dict(snap["actor"])
-            eps, rets = rollout(
-                env_id, sac.policy_fn(actor, device, args.deterministic), args.n_steps, args.n_envs, args.seed + 2
-            )
+            eps, rets = rollout(env_id, policy(actor, args.deterministic), args.n_steps, args.n_envs, args.seed + 2)
             write(
                 args,
                 "medium",
@@ -468,9 +486,7 @@ def main(args: Args) -> None:
         torch.manual_seed(args.seed + 3)
         rows = open(os.path.join(sac_dir, "evals.csv")).read().splitlines()
         final_ret = float(rows[-1].split(",")[sac.EVAL_COLUMNS.index("return_mean")])
-        eps, rets = rollout(
-            env_id, sac.policy_fn(actor, device, args.deterministic), args.n_steps, args.n_envs, args.seed + 3
-        )
+        eps, rets = rollout(env_id, policy(actor, args.deterministic), args.n_steps, args.n_envs, args.seed + 3)
         write(
             args,
             "expert",
@@ -484,11 +500,9 @@ def main(args: Args) -> None:
 
     if "medium-expert" in todo:
         t0 = time.time()
-        eps = [load_episodes(sac.local_dataset_id(args.env, k)) for k in ("medium", "expert")]
+        eps = [load_episodes(local_id(args.env, k)) for k in ("medium", "expert")]
         pol = {
-            k: torch.load(
-                os.path.join(dataset_dir(sac.local_dataset_id(args.env, k)), "behaviour_policy.pt"), weights_only=True
-            )
+            k: torch.load(os.path.join(dataset_dir(local_id(args.env, k)), "behaviour_policy.pt"), weights_only=True)
             for k in ("medium", "expert")
         }
         T = gym.spec(env_id).max_episode_steps  # budget-cut episodes are the truncated ones shorter than T
@@ -505,12 +519,12 @@ def main(args: Args) -> None:
 
 
 def make_policy_rollouts(args: Args, env_id: str) -> None:
-    ds_id = sac.local_dataset_id(args.env, ROLLOUTS)
+    ds_id = local_id(args.env, ROLLOUTS)
     if is_made(ds_id):
         print(f"{ds_id} exists, skipped (`minari delete {ds_id}` to remake it)")
         return
     t0 = time.time()
-    device = sac.pick_device(args.device)
+    device = pick_device(args.device)
     members, ck = ensemble_members(args.policy, args.env, device)
     k = len(members)
     sizes = [args.n_steps // k + (i < args.n_steps % k) for i in range(k)]

@@ -100,7 +100,8 @@ def sample(data: dict, n: int, batch_size: int) -> dict:  # an own minibatch per
 # =====================================================================================
 # Networks: E independent MLPs, one batched matmul per layer; identical in both scripts (the ensemble file's nets).
 # =====================================================================================
-LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # the range of the actors' log_std
+LOG_STD_MIN = -20.0
+LOG_STD_MAX = 2.0
 
 
 class VectorizedLinear(nn.Module):  # E independent linear layers: x [E, B, in] -> [E, B, out]; weight [E, in, out]

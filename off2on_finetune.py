@@ -136,7 +136,8 @@ class Replay:  # every transition a row [s, a, r, s', terminal] of one tensor: t
 # =====================================================================================
 # Networks: E independent MLPs, one batched matmul per layer; identical in both scripts (the ensemble file's nets).
 # =====================================================================================
-LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # the range of the actors' log_std
+LOG_STD_MIN = -20.0
+LOG_STD_MAX = 2.0
 
 
 class VectorizedLinear(nn.Module):  # E independent linear layers: x [E, B, in] -> [E, B, out]; weight [E, in, out]
@@ -331,10 +332,9 @@ def main(args: Args) -> None:
     try:
         for start in range(counters["env_steps"], args.online_steps, args.epoch_steps):  # epochs
             end = min(start + args.epoch_steps, args.online_steps)
-            rows = explore(env, episode, learner.actor, end - start, logger, start)  # with the ensemble policy
-            replay.add_online(rows)  # the new transitions enter at the running max priority
-            n_updates = len(rows) * (args.first_epoch_multiplier if counters["epoch"] == 0 else 1)  # as many updates
-            sums = {}  # their statistics, summed on the device (one host sync per epoch, in log_epoch)
+            replay.add_online(explore(env, episode, learner.actor, end - start, logger, start))  # at the max priority
+            n_updates = (end - start) * (args.first_epoch_multiplier if counters["epoch"] == 0 else 1)
+            sums = {}  # the updates' statistics, summed on the device (read back once per epoch, in log_epoch)
             for _ in range(n_updates):
                 sums = {key: sums.get(key, 0) + value for key, value in update(learner, replay, args, loss_fn).items()}
             counters.update(env_steps=end, updates=counters["updates"] + n_updates, epoch=counters["epoch"] + 1)

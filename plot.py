@@ -323,7 +323,8 @@ def ablation_table(df: pd.DataFrame, configs: list, window: int, steps) -> str:
                 cells.append("–")
                 continue
             mean, se, n = seed_stats(per_seed[key])
-            cells.append(f"{mean:.1f} ± {se:.1f}" + ("" if n == runs.seed.nunique() else f" ({n} seeds)"))
+            spread = f" ± {se:.1f}" if n > 1 else ""  # no standard error from one seed
+            cells.append(f"{mean:.1f}{spread}" + ("" if n == runs.seed.nunique() else f" ({n} seeds)"))
         lines.append(f"| {config} | {runs.seed.nunique()} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -1,30 +1,31 @@
-"""Soft Actor-Critic from scratch: the "SAC" baseline of Lee et al., "Offline-to-Online Reinforcement
-Learning via Balanced Replay and Pessimistic Q-Ensemble" (CoRL 2021), trained online with no offline
-data. SAC: Haarnoja et al., "Soft Actor-Critic Algorithms and Applications" (arXiv 1812.05905):
-tanh-Gaussian actor, twin Q with target networks, automatic entropy tuning (target entropy -|A|).
-The SAC update is the one of baselines/sac_ft.py, letter for letter (the section "SAC: ..." is
-identical in both files).
+"""Soft Actor-Critic from scratch, trained online with no offline data: the "SAC" baseline of Lee, Seo, Lee, Abbeel,
+Shin, "Offline-to-Online Reinforcement Learning via Balanced Replay and Pessimistic Q-Ensemble", CoRL 2021, arXiv
+2107.00591. make_dataset.py trains its behaviour agents with it (main's hook `after_eval`).
+SAC: Haarnoja, Zhou, Hartikainen, Tucker, Ha, Tan, Kumar, Zhu, Gupta, Abbeel, Levine, "Soft Actor-Critic Algorithms
+and Applications", arXiv 1812.05905; its equation numbers below. "rlkit" marks details of rlkit's SAC
+(rlkit/torch/sac/sac.py, also in github.com/shlee94/Off2OnRL).
 
-Run:     python baselines/sac.py --env hopper --online-steps 250000
-Resume:  python baselines/sac.py --env hopper --run-dir runs/<run> --resume
+Paper -> code:
+  tanh-Gaussian policy, log pi(a|s) = log N(u; mu, sigma^2)               -> Actor
+      - sum log(1 - tanh(u)^2) (SAC's Appendix C)
+  twin soft Q-functions, Polyak-averaged targets                          -> TwinQ, Learner, sac_update
+  soft Bellman residual, clipped double-Q target (SAC Eq. 5)              -> sac_losses
+  policy loss, reparameterized (SAC Eq. 7)                                -> sac_losses
+  temperature loss, target entropy -|A| (SAC Eq. 18)                      -> sac_losses
+  replay of every transition in the order it happened (time-limit ends    -> ReplayBuffer
+      stored as truncations: the target bootstraps through them)
+  schedule (rlkit's): --learning-starts uniform random steps, then epochs -> main, the algorithm box
+      of --epoch-steps env steps with the policy, each followed by as
+      many updates
+The SAC section is identical in baselines/sac_ft.py.
 
-Loop (rlkit's, as the paper's SAC): `--learning-starts` uniform-random env steps, then epochs of
-`--epoch-steps` env steps with the stochastic policy followed by as many gradient updates.
-Time-limit endings are truncations (the target bootstraps); true terminations are not.
-Evaluation, the protocol of every off2on script: --eval-episodes (5) deterministic episodes every
---eval-every (1,000) env steps and once at 0 env steps; the k-th evaluation of a run resets its envs
-with eval_seed(seed, k), so each starts from new states (the same ones after a --resume).
-make_dataset.py trains its behaviour agents with this file (with its own --eval-every and
---eval-episodes): `for p in sac.train(args): ...` yields a `Progress` after every evaluation.
-
-Writes to the run directory: evals.csv; train.csv, one row per epoch with updates: env_steps, updates
-and the epoch's means of critic_loss, actor_loss, alpha, q_mean, entropy (tensorboard: online/<stat>
-against env steps); checkpoint.pt, written atomically at the end of every `--checkpoint-every` env
-steps (rounded to epochs), when a caller stops `train` early, and at the end:
-{"format": "off2on-sac/2", "args", "obs_dim", "act_dim", "actor", "critic", "critic_target",
- "log_alpha", "opt" (Adam), "buffer" (arrays of every transition so far), "env_steps", "updates",
- "evals" (evaluations so far), "env_state" (MuJoCo state, time-limit counter, env RNG, current obs and
- episode stats), "rng"}. Loaded with torch.load(weights_only=True).
+Run: python baselines/sac.py --env hopper --online-steps 250000   (resume: --run-dir D --resume)
+Evaluation: --eval-episodes deterministic episodes (tanh(mu(s))) every --eval-every env steps (whole epochs) and at 0
+env steps, the k-th from new start states (reset seed eval_seed(seed, k)).
+Writes to the run directory args.json, evals.csv, train.csv (one row per epoch with updates: the epoch's means of
+TRAIN_COLUMNS), tensorboard events and checkpoint.pt ("off2on-sac/3", atomic, every --checkpoint-every env steps
+(whole epochs), at the end and when `after_eval` stops the run: networks, optimizer, the replay, counters, env and
+RNG states, the current episode).
 """
 
 import copy
@@ -35,7 +36,6 @@ import os
 import random
 import sys
 import time
-from collections import namedtuple
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -45,248 +45,49 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-CKPT_FORMAT = "off2on-sac/2"
+SCRIPT = "sac"
+FORMAT = "off2on-sac/3"
 
 
 @dataclass
 class Args:
-    seed: int = 0
-    """seed of python, numpy, torch and the environments"""
-    device: str = "auto"
-    """auto (cuda if available), cpu or cuda"""
-    track: bool = False
-    """log to Weights & Biases as well as tensorboard"""
-    wandb_project: str = "off2on"
-    """wandb project name (with --track)"""
-    run_dir: str = ""
-    """run directory; empty = runs/<env>__<dataset>__sac__seed<seed>__<unix time>"""
-    resume: bool = False
-    """continue exactly from <run dir>/checkpoint.pt (needs --run-dir)"""
-    env: str = "hopper"
-    """hopper, halfcheetah or walker2d (Gymnasium MuJoCo v5)"""
-    dataset: str = "none"
-    """unused: SAC learns from scratch (kept so every script has the same CLI)"""
-    online_steps: int = 250_000
-    """environment steps (the paper's online budget is 250k)"""
-    offline_updates: int = 0
-    """unused: SAC has no offline phase (kept so every script has the same CLI)"""
-    eval_every: int = 1_000
-    """evaluate the deterministic policy every this many env steps (rounded to epochs), and at 0 env steps"""
-    eval_episodes: int = 5
-    """episodes per evaluation (new start states each time)"""
-    checkpoint_every: int = 25_000
-    """write checkpoint.pt every this many env steps (rounded to epochs)"""
-    learning_starts: int = 10_000
-    """uniform-random env steps before the first update"""
-    epoch_steps: int = 1_000
-    """env steps per epoch; each epoch is followed by the same number of updates"""
-    buffer_size: int = 1_000_000
-    """replay capacity (transitions)"""
-    batch_size: int = 256
-    """minibatch size"""
-    hidden: int = 256
-    """width of the two hidden layers of actor and critics"""
-    lr: float = 3e-4
-    """Adam learning rate (actor, critics, temperature)"""
-    gamma: float = 0.99
-    """discount"""
-    tau: float = 5e-3
-    """target network Polyak rate"""
-
-
-# =====================================================================================
-# Data: env table, D4RL reference returns, dataset loading.
-# This section is identical in every algorithm script (tests/test_common_sections.py checks it).
-# =====================================================================================
-ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
-# D4RL reference returns (random, expert) used by the normalized score (Fu et al. 2020).
-REF_RETURNS = {
-    "hopper": (-20.272305, 3234.3),
-    "halfcheetah": (-280.178953, 12135.0),
-    "walker2d": (1.629008, 4592.3),
-}
-KINDS = ("random", "medium", "medium-replay", "expert", "medium-expert", "policy-rollouts")
-# MuJoCo (from 3.16) warns at every compilation of a model that sets the deprecated compiler attribute
-# settotalmass, and gymnasium's half_cheetah.xml sets it (still in gymnasium 1.4.0, the newest), so every
-# HalfCheetah env printed the same warning to stderr (and appended it to ./MUJOCO_LOG.TXT), and every
-# evaluation makes 5-11 envs. The attribute still scales the masses as before: only its message is dropped.
-SETTOTALMASS_WARNING = "compiler attribute 'settotalmass' is deprecated"
-
-
-def mujoco_warning(message: str) -> None:
-    """MuJoCo's warning callback: every warning goes to stderr, except the settotalmass deprecation."""
-    if not message.startswith(SETTOTALMASS_WARNING):
-        print(f"WARNING: {message}", file=sys.stderr, flush=True)
-
-
-def install_mujoco_warning_filter() -> None:
-    import mujoco
-
-    mujoco.set_mju_user_warning(mujoco_warning)  # one global callback: replaces MuJoCo's default printing
-
-
-install_mujoco_warning_filter()
-
-
-class InputError(Exception):
-    """Bad user input; `main` prints it as one `error: ...` line and exits with code 2."""
-
-
-def check_env(env: str) -> str:
-    if env not in ENVS:
-        raise InputError(f"unknown env {env!r}; choose one of: {', '.join(ENVS)}")
-    return ENVS[env]
-
-
-def normalized_score(env: str, ret):
-    """D4RL normalized score: 100 * (R - R_random) / (R_expert - R_random)."""
-    lo, hi = REF_RETURNS[env]
-    return 100.0 * (np.asarray(ret, dtype=np.float64) - lo) / (hi - lo)
-
-
-def local_dataset_id(env: str, kind: str) -> str:
-    return f"off2on/{env}/{kind}-v0"
-
-
-def dataset_slug(dataset: str) -> str:
-    """A file-name-safe name for a dataset argument (kind, Minari id or .hdf5 path)."""
-    if dataset.endswith(".hdf5"):
-        return os.path.splitext(os.path.basename(dataset))[0]
-    return dataset.replace("/", "-")
-
-
-def load_dataset(env: str, dataset: str) -> dict:
-    """Offline transitions as float32 numpy arrays: observations, actions, rewards,
-    next_observations, terminals (1.0 only for true terminations; time-limit ends bootstrap).
-
-    `dataset` is a kind (local Minari dataset off2on/<env>/<kind>-v0 made by make_dataset.py),
-    any Minari id (downloaded where a hub is reachable), or a D4RL-layout .hdf5 file."""
-    check_env(env)
-    if dataset.endswith(".hdf5"):
-        return load_d4rl_hdf5(dataset)
-    import minari
-
-    if dataset in KINDS:
-        ds_id = local_dataset_id(env, dataset)
-        if ds_id not in minari.list_local_datasets():
-            raise InputError(
-                f"no local dataset {ds_id}; make it with: python make_dataset.py --env {env} --kinds {dataset}"
-            )
-    elif "/" in dataset:
-        ds_id = dataset
-    else:
-        raise InputError(f"unknown dataset {dataset!r}; use one of {', '.join(KINDS)}, a Minari id, or a .hdf5 path")
-    if ds_id not in minari.list_local_datasets():
-        download_minari_dataset(ds_id)
-    try:
-        ds = minari.load_dataset(ds_id)
-    except Exception as e:  # corrupt or incompatible files: one line, not a traceback
-        raise InputError(f"could not load Minari dataset {ds_id}: {first_line(e)}") from e
-    return minari_to_arrays(ds)
-
-
-def download_minari_dataset(ds_id: str) -> None:
-    """Download a Minari id from Minari's remote (Farama's datasets on the Hugging Face hub unless
-    MINARI_REMOTE says otherwise) into the local Minari folder; any failure is one InputError line."""
-    import minari
-
-    try:  # huggingface_hub: minari's hf extra, which minari imports only to download
-        from huggingface_hub.utils import logging as hub_logging
-    except ImportError as e:
-        raise InputError(
-            f"could not download Minari dataset {ds_id}: huggingface_hub is not installed; "
-            "install the pinned versions with: pip install -r requirements.txt"
-        ) from e
-    print(f"{ds_id} is not in the local Minari folder: downloading it", flush=True)
-    # huggingface_hub logs each of its 5 retries to stderr (about 25 s in all when no hub answers); the one
-    # error line below says what went wrong.
-    verbosity = hub_logging.get_verbosity()
-    hub_logging.set_verbosity_error()
-    try:
-        minari.download_dataset(ds_id)
-    except Exception as e:
-        # No answer: OfflineModeIsEnabled (a ConnectionError) under HF_HUB_OFFLINE=1, or a transport
-        # error of huggingface_hub's HTTP client (httpx2: connection refused, unknown host, timeout).
-        if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__module__.startswith("httpx"):
-            raise InputError(
-                f"could not download Minari dataset {ds_id}: no answer from the hub ({first_line(e)}); "
-                "check the network (and HF_ENDPOINT, HF_HUB_OFFLINE), or use a dataset kind made by "
-                "make_dataset.py or a D4RL .hdf5 file"
-            ) from e
-        reason = first_line(e).rstrip(".")
-        raise InputError(
-            f"could not download Minari dataset {ds_id}: {reason}; `minari list remote` lists the ids"
-        ) from e
-    finally:
-        hub_logging.set_verbosity(verbosity)
-
-
-def first_line(e: Exception) -> str:
-    """The first line of an exception's message (its type name when the message is empty)."""
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
-def minari_to_arrays(ds) -> dict:
-    """Flatten Minari episodes (T+1 observations, T actions) into transition arrays."""
-    parts = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals")}
-    for ep in ds.iterate_episodes():
-        obs = np.asarray(ep.observations, dtype=np.float32)
-        parts["observations"].append(obs[:-1])
-        parts["next_observations"].append(obs[1:])
-        parts["actions"].append(np.asarray(ep.actions, dtype=np.float32))
-        parts["rewards"].append(np.asarray(ep.rewards, dtype=np.float32))
-        parts["terminals"].append(np.asarray(ep.terminations, dtype=np.float32))
-    if not parts["rewards"]:
-        raise InputError("dataset has no episodes")
-    return {k: np.concatenate(v) for k, v in parts.items()}
-
-
-def load_d4rl_hdf5(path: str) -> dict:
-    """Original D4RL layout: observations, actions, rewards, terminals, timeouts, optional
-    next_observations. Without next_observations, s' is the next row and rows that end an
-    episode by timeout (whose next row is another episode's start) are dropped, as D4RL's
-    qlearning_dataset does."""
-    import h5py
-
-    if not os.path.exists(path):
-        raise InputError(f"no such file: {path}")
-    try:
-        with h5py.File(path, "r") as f:
-            d = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals")}
-            timeouts = f["timeouts"][()] if "timeouts" in f else np.zeros_like(d["terminals"])
-            nxt = f["next_observations"][()] if "next_observations" in f else None
-    except (OSError, KeyError) as e:
-        raise InputError(f"{path} is not a D4RL-layout hdf5 file ({str(e).splitlines()[0]})") from e
-    n = len(d["rewards"])
-    if nxt is None:
-        keep = np.flatnonzero(~timeouts[: n - 1].astype(bool))
-        nxt = d["observations"][keep + 1]
-    else:
-        keep = np.arange(n)
-    return {
-        "observations": d["observations"][keep].astype(np.float32),
-        "actions": d["actions"][keep].astype(np.float32),
-        "rewards": d["rewards"][keep].astype(np.float32).reshape(-1),
-        "next_observations": nxt.astype(np.float32),
-        "terminals": d["terminals"][keep].astype(np.float32).reshape(-1),
-    }
-
-
-# =====================================================================================
+    seed: int = 0  # seed of python, numpy, torch and the envs
+    device: str = "auto"  # auto (cuda if available), cpu or cuda
+    track: bool = False  # log to Weights & Biases as well as tensorboard
+    wandb_project: str = "off2on"  # wandb project name (with --track)
+    run_dir: str = ""  # run directory; empty = runs/<env>__<dataset>__sac__seed<seed>__<unix time>
+    resume: bool = False  # continue exactly from <run dir>/checkpoint.pt (needs --run-dir; --online-steps may grow)
+    env: str = "hopper"  # hopper, halfcheetah or walker2d (Gymnasium MuJoCo v5)
+    dataset: str = "none"  # unused: SAC learns from scratch (kept so every script has the same CLI)
+    online_steps: int = 250_000  # environment steps (the paper's online budget: 250k)
+    offline_updates: int = 0  # unused: SAC has no offline phase (kept so every script has the same CLI)
+    eval_every: int = 1_000  # evaluate the deterministic policy every this many env steps (whole epochs), and at 0
+    eval_episodes: int = 5  # episodes per evaluation
+    checkpoint_every: int = 25_000  # write checkpoint.pt every this many env steps (whole epochs)
+    learning_starts: int = 10_000  # uniform random env steps before the first update
+    epoch_steps: int = 1_000  # env steps per epoch; each epoch is followed by as many updates
+    buffer_size: int = 1_000_000  # replay capacity (transitions)
+    batch_size: int = 256  # minibatch size
+    hidden: int = 256  # width of the two hidden layers of actor and critics
+    lr: float = 3e-4  # Adam learning rate of actor, critics and temperature
+    gamma: float = 0.99  # discount
+    tau: float = 5e-3  # target critic Polyak rate
 
 
 # =====================================================================================
 # Replay: every transition in the order it happened.
 # =====================================================================================
 class ReplayBuffer:
-    """Preallocated numpy arrays; `sample` draws a whole minibatch with one fancy index per field.
-    Transitions are stored in the order they happened, so episodes can be read back (make_dataset)."""
+    """Preallocated numpy arrays, one per field, filled in the order the transitions happened (make_dataset.py reads
+    the episodes back), overwriting the oldest past `capacity`; `sample` draws a minibatch with one index per field."""
 
     def __init__(self, capacity: int, obs_dim: int, act_dim: int):
-        self.capacity, self.ptr, self.size = capacity, 0, 0
+        self.capacity = capacity
+        self.ptr = 0  # the next row to write
+        self.size = 0
         self.data = {
             "observations": np.zeros((capacity, obs_dim), np.float32),
             "actions": np.zeros((capacity, act_dim), np.float32),
@@ -297,35 +98,35 @@ class ReplayBuffer:
         }
 
     def add(self, **transition) -> None:
-        for k, v in transition.items():
-            self.data[k][self.ptr] = v
+        for key, value in transition.items():
+            self.data[key][self.ptr] = value
         self.ptr = (self.ptr + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
-    def sample(self, n: int, device: torch.device):
+    def sample(self, n: int, device: torch.device) -> tuple:
         """A uniform minibatch (s, a, r, s', terminated) on `device`; truncations are left out (they bootstrap)."""
         idx = np.random.randint(0, self.size, n)
         keys = ("observations", "actions", "rewards", "next_observations", "terminations")
-        return tuple(torch.as_tensor(self.data[k][idx], device=device) for k in keys)
+        return tuple(torch.as_tensor(self.data[key][idx], device=device) for key in keys)
 
     def state_dict(self) -> dict:
-        return {
-            "ptr": self.ptr,
-            "size": self.size,
-            **{k: torch.from_numpy(v[: self.size].copy()) for k, v in self.data.items()},
-        }
+        arrays = {key: torch.from_numpy(array[: self.size].copy()) for key, array in self.data.items()}
+        return {"ptr": self.ptr, "size": self.size, **arrays}
 
-    def load_state_dict(self, s: dict) -> None:
-        self.ptr, self.size = s["ptr"], s["size"]
-        for k, v in self.data.items():
-            v[: self.size] = s[k].numpy()
+    def load_state_dict(self, state: dict) -> None:
+        self.ptr = state["ptr"]
+        self.size = state["size"]
+        for key, array in self.data.items():
+            array[: self.size] = state[key].numpy()
 
 
 # =====================================================================================
-# SAC: tanh-Gaussian actor, twin critics, the three losses and one gradient step.
-# Identical in baselines/sac.py and baselines/sac_ft.py (tests/test_common_sections.py checks it).
+# SAC: tanh-Gaussian actor, twin critics, the three losses, one gradient step, the policy.
+# Identical in baselines/sac.py and baselines/sac_ft.py (tests/test_common_sections.py).
 # =====================================================================================
-LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+LOG_STD_MIN = -20.0
+LOG_STD_MAX = 2.0
+TRAIN_COLUMNS = ("critic_loss", "actor_loss", "alpha", "q_mean", "entropy")  # train.csv: the epoch's means
 
 
 class Actor(nn.Module):
@@ -337,13 +138,13 @@ class Actor(nn.Module):
         self.mu = nn.Linear(hidden, act_dim)
         self.log_std = nn.Linear(hidden, act_dim)
 
-    def forward(self, obs):
+    def forward(self, obs: torch.Tensor):
         h = self.net(obs)
         return self.mu(h), self.log_std(h).clamp(LOG_STD_MIN, LOG_STD_MAX)
 
-    def sample(self, obs):
-        """Reparameterized a = tanh(mu + sigma eps) and its log-probability, Appendix C of 1812.05905:
-        log pi(a|s) = log N(u; mu, sigma^2) - sum log(1 - tanh(u)^2)."""
+    def sample(self, obs: torch.Tensor):
+        """Reparameterized a = tanh(mu + sigma eps) and its log-probability (SAC's Appendix C, enforcing action
+        bounds): log pi(a|s) = log N(u; mu, sigma^2) - sum log(1 - tanh(u)^2)."""
         mu, log_std = self(obs)
         eps = torch.randn_like(mu)
         u = mu + log_std.exp() * eps
@@ -351,66 +152,82 @@ class Actor(nn.Module):
         log_det = (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)  # = log(1 - tanh(u)^2), stable form
         return torch.tanh(u), log_normal - log_det
 
-    def act(self, obs, deterministic: bool):
+    def act(self, obs: torch.Tensor, deterministic: bool) -> torch.Tensor:
         """tanh(mu(s)) to evaluate, a sample of the policy to explore."""
         return torch.tanh(self(obs)[0]) if deterministic else self.sample(obs)[0]
 
 
 class TwinQ(nn.Module):
-    """Two Q-networks in one module: weights [2, in, out], one batched matmul per layer. Output [2, B]."""
+    """Two Q-networks in one module, layer widths `hidden`: weights [2, in, out], one batched matmul per layer,
+    each layer initialized as nn.Linear's default (drawn for each of the two). (s, a) [B, *] -> Q [2, B]."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple):
         super().__init__()
-        sizes = [obs_dim + act_dim, hidden, hidden, 1]
+        sizes = [obs_dim + act_dim, *hidden, 1]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-            bound = 1 / math.sqrt(fan_in)  # nn.Linear's default initialization, drawn for each of the two
+            bound = 1 / math.sqrt(fan_in)
             self.weights.append(nn.Parameter(torch.empty(2, fan_in, fan_out).uniform_(-bound, bound)))
             self.biases.append(nn.Parameter(torch.empty(2, 1, fan_out).uniform_(-bound, bound)))
 
-    def forward(self, obs, act):
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         x = torch.cat([obs, act], -1).expand(2, -1, -1)
-        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
-            x = torch.baddbmm(b, x, w)
+        for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            x = torch.baddbmm(bias, x, weight)
             if i < len(self.weights) - 1:
                 x = torch.relu(x)
         return x.squeeze(-1)
 
 
-Learner = namedtuple("Learner", "actor critic critic_target log_alpha opt")
+class Learner:
+    """What SAC trains: the actor, twin critics, target critics copied from them, the temperature
+    alpha = exp(log_alpha) (1 at the start) and one Adam over all three (Adam is per parameter: one Adam equals
+    one per network)."""
+
+    STATE = ("actor", "critic", "critic_target", "opt")  # the networks and optimizer a checkpoint saves
+
+    def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device):
+        self.device = device
+        self.actor = Actor(obs_dim, act_dim, args.hidden).to(device)
+        self.critic = TwinQ(obs_dim, act_dim, (args.hidden, args.hidden)).to(device)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.log_alpha = torch.zeros((), device=device, requires_grad=True)
+        sac_params = [*self.actor.parameters(), *self.critic.parameters(), self.log_alpha]
+        self.opt = torch.optim.Adam(sac_params, lr=args.lr, fused=True)
+
+    def state_dict(self) -> dict:  # a checkpoint's entries: the state_dicts of STATE, and log_alpha
+        return {name: getattr(self, name).state_dict() for name in self.STATE} | {
+            "log_alpha": self.log_alpha.detach().cpu()
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in self.STATE:
+            getattr(self, name).load_state_dict(state[name])
+        self.log_alpha.data.copy_(state["log_alpha"])
 
 
-def make_learner(obs_dim: int, act_dim: int, hidden: int, lr: float, device: torch.device) -> Learner:
-    """Fresh SAC: alpha = 1, target critics = critics. Adam is per-parameter, so one Adam over actor,
-    critics and alpha equals one per network."""
-    actor = Actor(obs_dim, act_dim, hidden).to(device)
-    critic = TwinQ(obs_dim, act_dim, hidden).to(device)
-    log_alpha = torch.zeros((), device=device, requires_grad=True)
-    opt = torch.optim.Adam([*actor.parameters(), *critic.parameters(), log_alpha], lr=lr, fused=True)
-    return Learner(actor, critic, copy.deepcopy(critic).requires_grad_(False), log_alpha, opt)
-
-
-def sac_losses(learner: Learner, batch, gamma: float):
-    """The three SAC losses (Haarnoja et al., arXiv 1812.05905) on one batch (s, a, r, s', terminated) [B, *];
-    time-limit truncations are not terminations: their target bootstraps."""
+def sac_losses(learner: Learner, batch: tuple, gamma: float) -> tuple:
+    """The three SAC losses on one batch (s, a, r, s', terminated) [B, *]; a time-limit end is not a termination:
+    its target bootstraps."""
     s, a, r, s2, d = batch
     alpha = learner.log_alpha.exp().detach()
     target_entropy = -float(learner.actor.mu.out_features)  # -|A|
-    with torch.no_grad():  # y = r + gamma (1-d) (min_j Q'_j(s', a') - alpha log pi(a'|s')), a' ~ pi(.|s')
+    # the target of SAC Eq. 5 (clipped double Q): y = r + gamma (1-d) (min_j Q'_j(s', a') - alpha log pi(a'|s'))
+    with torch.no_grad():
         a2, logp2 = learner.actor.sample(s2)
         y = r + (1 - d) * gamma * (learner.critic_target(s2, a2).min(0).values - alpha * logp2)
     q = learner.critic(s, a)
-    # Eq. 5 of 1812.05905 (soft Bellman residual, without its 1/2, as rlkit): J_Q = E[(Q_j(s,a) - y)^2], j = 1, 2
+    # SAC Eq. 5, the soft Bellman residual (without its 1/2, as rlkit): J_Q = E[(Q_j(s,a) - y)^2], j = 1, 2
     critic_loss = (q - y).pow(2).mean(1).sum()
-    # Eq. 7 (reparameterized): J_pi = E[alpha log pi(a|s) - min_j Q_j(s, a)], a = tanh(mu + sigma eps);
-    # critics frozen for this forward, so the actor loss gives them no gradient
+    # SAC Eq. 7, reparameterized: J_pi = E[alpha log pi(a|s) - min_j Q_j(s, a)], a = tanh(mu + sigma eps);
+    # the critics are frozen for this forward, so the actor loss gives them no gradient
     a_pi, logp_pi = learner.actor.sample(s)
     learner.critic.requires_grad_(False)
     q_pi = learner.critic(s, a_pi).min(0).values
     learner.critic.requires_grad_(True)
     actor_loss = (alpha * logp_pi - q_pi).mean()
-    # Eq. 18 in log space (as rlkit): J(alpha) = E[-log alpha (log pi(a|s) + target entropy)]
+    # SAC Eq. 18 in log space (as rlkit): J(alpha) = E[-log alpha (log pi(a|s) + target entropy)]
     alpha_loss = -(learner.log_alpha * (logp_pi.detach() + target_entropy)).mean()
     stats = {
         "critic_loss": critic_loss.detach(),
@@ -422,151 +239,288 @@ def sac_losses(learner: Learner, batch, gamma: float):
     return critic_loss, actor_loss, alpha_loss, stats
 
 
-def sac_update(learner: Learner, batch, gamma: float, tau: float) -> dict:
-    """One SAC gradient step: the three gradients from the pre-update weights (as rlkit), one Adam step,
-    then the target critics. Returns detached scalars: no host sync here."""
+def sac_update(learner: Learner, batch: tuple, gamma: float, tau: float) -> dict:
+    """One SAC gradient step: the three gradients from the pre-update weights (as rlkit), one Adam step, then the
+    target critics. Returns detached scalars: no host sync here."""
     critic_loss, actor_loss, alpha_loss, stats = sac_losses(learner, batch, gamma)
     learner.opt.zero_grad(set_to_none=True)
     (critic_loss + actor_loss + alpha_loss).backward()  # each loss reaches only its own parameters
     learner.opt.step()
     with torch.no_grad():  # target critics: theta' <- (1 - tau) theta' + tau theta
-        for p, tp in zip(learner.critic.parameters(), learner.critic_target.parameters()):
-            tp.lerp_(p, tau)
+        for param, target_param in zip(learner.critic.parameters(), learner.critic_target.parameters()):
+            target_param.lerp_(param, tau)
     return stats
 
 
-def learner_state(learner: Learner) -> dict:
-    """The checkpoint entries of a Learner: its fields' state dicts, log_alpha as a tensor."""
-    return {k: v.state_dict() if hasattr(v, "state_dict") else v.detach().cpu() for k, v in learner._asdict().items()}
+@torch.no_grad()
+def act(learner: Learner, obs: np.ndarray, deterministic: bool) -> np.ndarray:
+    """obs [n, obs] or [obs] -> actions: tanh(mu(s)) to evaluate, a sample of the policy to explore."""
+    o = torch.as_tensor(obs, dtype=torch.float32, device=learner.device)
+    return learner.actor.act(o, deterministic).cpu().numpy()
 
 
-def load_learner_state(learner: Learner, s: dict) -> None:
-    for k, v in learner._asdict().items():
-        if hasattr(v, "load_state_dict"):
-            v.load_state_dict(s[k])
+# =====================================================================================
+# main: the algorithm box.
+# =====================================================================================
+@dataclass
+class Progress:
+    """What main hands `after_eval` after every evaluation but the first (the untrained policy's)."""
+
+    env_steps: int
+    updates: int
+    eval_returns: np.ndarray
+    learner: Learner
+    buffer: ReplayBuffer  # every transition so far, while fewer than --buffer-size
+
+
+def main(args: Args, after_eval=None) -> None:
+    """SAC from scratch. after_eval(Progress) -> True stops the run after a checkpoint (make_dataset.py's hook)."""
+    args, ckpt = check_args(args)  # with --resume: the run's own Args and its checkpoint
+    device, run_dir = set_up(args, SCRIPT)  # seeds python, numpy and torch
+    obs_dim, act_dim = env_dims(args.env)
+    learner = Learner(args, obs_dim, act_dim, device)
+    buffer = ReplayBuffer(args.buffer_size, obs_dim, act_dim)
+    env = gym.make(ENVS[args.env])
+    episode = {"obs": env.reset(seed=args.seed)[0], "ep_return": 0.0, "ep_length": 0}
+    counters = {"env_steps": 0, "updates": 0, "epoch": 0, "evals": 0}  # epoch: epochs with updates
+    if ckpt is not None:  # everything the run would hold had it not stopped
+        restore_checkpoint(ckpt, learner, buffer, env, episode, counters, run_dir)
+    logger = Logger(args, run_dir, SCRIPT)
+    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+    print(f"run dir: {run_dir}\ncheckpoint: {ckpt_path}")
+    bar = tqdm(total=args.online_steps, initial=counters["env_steps"], desc="env steps", mininterval=5, disable=None)
+    stop = False
+    try:
+        if counters["evals"] == 0:  # the untrained policy, before any env step
+            evaluate_policy(args, learner, logger, counters)
+        while not stop and counters["env_steps"] < args.online_steps:
+            start = counters["env_steps"]
+            steps = min(args.epoch_steps, args.online_steps - start)
+            # env steps into the replay: uniform random actions for the first --learning-starts, then the policy's
+            explore(env, episode, learner, buffer, steps, args.learning_starts, logger, start)
+            counters["env_steps"] += steps
+            bar.update(steps)
+            if counters["env_steps"] >= args.learning_starts:  # then as many SAC updates as env steps
+                stats = []
+                for _ in range(steps):
+                    stats.append(sac_update(learner, buffer.sample(args.batch_size, device), args.gamma, args.tau))
+                counters["updates"] += steps
+                counters["epoch"] += 1
+                log_epoch(logger, stats, counters)
+            done = counters["env_steps"] >= args.online_steps
+            if done or counters["env_steps"] // args.eval_every > start // args.eval_every:
+                returns = evaluate_policy(args, learner, logger, counters)
+                bar.set_postfix(ret=f"{returns.mean():.0f}")
+                progress = Progress(counters["env_steps"], counters["updates"], returns, learner, buffer)
+                stop = after_eval is not None and after_eval(progress)
+            if done or stop or counters["env_steps"] // args.checkpoint_every > start // args.checkpoint_every:
+                save_checkpoint(checkpoint_dict(args, learner, buffer, env, episode, counters), ckpt_path)
+    finally:
+        bar.close()
+        logger.close()
+        env.close()
+    print(f"done: {counters['env_steps']} env steps, {counters['updates']} updates\nrun dir: {run_dir}")
+    print(f"checkpoint: {ckpt_path}")
+
+
+# =====================================================================================
+# This script's helpers: exploration, evaluation, logging, argument checks, checkpoints.
+# =====================================================================================
+def explore(env, episode: dict, learner: Learner, buffer, steps: int, learning_starts: int, logger, env_steps: int):
+    """`steps` env steps into the replay, acting uniformly at random while env_steps < learning_starts, then with a
+    sample of the policy. `episode`: the current observation, return and length, carried on."""
+    for i in range(steps):
+        if env_steps + i < learning_starts:
+            a = np.random.uniform(env.action_space.low, env.action_space.high).astype(np.float32)
         else:
-            with torch.no_grad():
-                v.copy_(s[k])
+            a = act(learner, episode["obs"], deterministic=False)
+        next_obs, reward, terminated, truncated, _ = env.step(a)
+        transition = {"observations": episode["obs"], "actions": a, "rewards": reward, "next_observations": next_obs}
+        buffer.add(**transition, terminations=terminated, truncations=truncated)
+        episode.update(obs=next_obs, ep_return=episode["ep_return"] + float(reward), ep_length=episode["ep_length"] + 1)
+        if terminated or truncated:
+            episode_stats = {
+                "online/episodic_return": episode["ep_return"],
+                "online/episodic_length": episode["ep_length"],
+            }
+            logger.scalars(episode_stats, env_steps + i + 1)
+            episode.update(obs=env.reset()[0], ep_return=0.0, ep_length=0)
 
 
-# =====================================================================================
-# Run directory, logging, checkpoints, evaluation.
-# This section is identical in every algorithm script (tests/test_common_sections.py checks it).
-# =====================================================================================
-EVAL_COLUMNS = (
-    "phase",
-    "updates",
-    "env_steps",
-    "policy",
-    "return_mean",
-    "return_std",
-    "normalized_score",
-    "wall_time_s",
-)
+def evaluate_policy(args: Args, learner: Learner, logger, counters: dict) -> np.ndarray:
+    """The deterministic policy tanh(mu(s)), from new start states each time -> evals.csv; the episodes' returns."""
+    seed = eval_seed(args.seed, counters["evals"])
+    returns = evaluate(args.env, lambda obs: act(learner, obs, deterministic=True), args.eval_episodes, seed)
+    counters["evals"] += 1
+    steps = counters["env_steps"]
+    logger.eval_row("online", counters["updates"], steps, "policy", returns, args.env, steps)
+    return returns
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda but no CUDA GPU is visible; use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise InputError(f"unknown device {name!r}; use auto, cpu or cuda")
-    return torch.device(name)
+def check_args(args: Args) -> tuple:
+    """One-line errors for bad arguments; with --resume: (the run's own Args, its checkpoint), else (args, None)."""
+    sizes = ("online_steps", "eval_every", "eval_episodes", "checkpoint_every", "epoch_steps", "buffer_size")
+    for name in (*sizes, "batch_size", "hidden"):
+        if getattr(args, name) <= 0:
+            raise InputError(f"--{name.replace('_', '-')} must be positive")
+    if not args.resume:
+        return args, None
+    # the run's own arguments; the device, tracking and the step budget may change
+    args, ckpt = resume_run(args, FORMAT, keep=("device", "track", "online_steps", "resume", "run_dir"))
+    if args.online_steps < ckpt["env_steps"]:
+        raise InputError(f"{args.run_dir} is at {ckpt['env_steps']} env steps, past --online-steps {args.online_steps}")
+    return args, ckpt
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    # numpy's key array goes in as a tensor: torch.load(weights_only=True) refuses numpy arrays
-    kind, key, pos, has_gauss, gauss = np.random.get_state()
+def checkpoint_dict(args: Args, learner: Learner, buffer: ReplayBuffer, env, episode: dict, counters: dict) -> dict:
+    """<run dir>/checkpoint.pt: all an exact --resume needs."""
     return {
-        "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "format": FORMAT,
+        "args": dataclasses.asdict(args),
+        **learner.state_dict(),
+        "buffer": buffer.state_dict(),
+        **counters,
+        "rng": rng_state(env),
+        "episode": {**episode, "obs": torch.from_numpy(np.array(episode["obs"]))},
     }
 
 
-def set_rng_state(s: dict) -> None:
-    random.setstate(s["python"])
-    kind, key, pos, has_gauss, gauss = s["numpy"]
-    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+def restore_checkpoint(ckpt: dict, learner: Learner, buffer: ReplayBuffer, env, episode: dict, counters, run_dir):
+    """Load what `checkpoint_dict` saved; drop the csv rows written after it (they are redone)."""
+    learner.load_state_dict(ckpt)
+    buffer.load_state_dict(ckpt["buffer"])
+    counters.update({k: ckpt[k] for k in counters})
+    episode.update(ckpt["episode"], obs=ckpt["episode"]["obs"].numpy())
+    set_rng_state(ckpt["rng"], env)
+    trim_rows(os.path.join(run_dir, "evals.csv"), counters["evals"])
+    trim_rows(os.path.join(run_dir, "train.csv"), counters["epoch"])  # one row per epoch with updates
+    print(f"resumed at {counters['env_steps']} env steps")
 
 
-class Logger:
-    """evals.csv + tensorboard always, wandb with --track. Scalars are buffered tensors until
-    `flush` so the hot loop never syncs with the device."""
+def log_epoch(logger, stats: list, counters: dict) -> None:
+    """Epoch means of the updates' statistics -> tensorboard and train.csv (one host sync per epoch)."""
+    means = {key: float(sum(s[key] for s in stats)) / len(stats) for key in stats[0]}
+    logger.scalars({f"online/{key}": value for key, value in means.items()}, counters["env_steps"])
+    row = {"env_steps": counters["env_steps"], "updates": counters["updates"]}
+    logger.csv_row("train.csv", {**row, **{key: means.get(key, "") for key in TRAIN_COLUMNS}})
 
+
+def trim_rows(path: str, rows: int) -> None:
+    """--resume: keep the header and the first `rows` rows of a csv file, those written before the checkpoint."""
+    if os.path.exists(path):
+        lines = open(path).readlines()
+        with open(path, "w") as f:
+            f.writelines(lines[: rows + 1])
+
+
+# =====================================================================================
+# Plumbing: datasets, run directory, logging, checkpoints, RNG and env state, evaluation, errors.
+# Identical in every algorithm script (tests/test_common_sections.py); not the algorithm: a first read can stop here.
+# =====================================================================================
+ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
+REF_RETURNS = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3)}
+INTEGRATION = mujoco.mjtState.mjSTATE_INTEGRATION  # MuJoCo's full state for an exact --resume
+EVAL_COLUMNS = "phase,updates,env_steps,policy,return_mean,return_std,normalized_score,wall_time_s".split(",")
+
+
+class InputError(Exception): ...  # bad user input: the command line prints one line `error: ...`, exit code 2
+
+
+def first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def mujoco_warning(message: str) -> None:  # all to stderr but the settotalmass deprecation (gymnasium's half_cheetah)
+    if not message.startswith("compiler attribute 'settotalmass' is deprecated"):
+        print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+mujoco.set_mju_user_warning(mujoco_warning)  # one global callback, in place of MuJoCo's default printing
+
+
+def env_dims(env: str) -> tuple:  # -> (observation size, action size)
+    if env not in ENVS:
+        raise InputError(f"unknown env {env!r}; choose one of: {', '.join(ENVS)}")
+    with gym.make(ENVS[env]) as e:
+        return e.observation_space.shape[0], e.action_space.shape[0]
+
+
+def normalized_score(env: str, ret):  # D4RL's (Fu et al. 2020): 100 (R - R_random) / (R_expert - R_random)
+    lo, hi = REF_RETURNS[env]
+    return 100.0 * (np.asarray(ret, dtype=np.float64) - lo) / (hi - lo)
+
+
+def dataset_slug(dataset: str) -> str:
+    return os.path.splitext(os.path.basename(dataset))[0] if dataset.endswith(".hdf5") else dataset.replace("/", "-")
+
+
+def set_up(args, script: str) -> tuple:  # seeds python, numpy, torch -> (device, --run-dir or a new one in runs/)
+    for seed_rng in (random.seed, np.random.seed, torch.manual_seed):
+        seed_rng(args.seed)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        raise InputError(f"--device {args.device}: use auto, cpu, or cuda where a CUDA GPU is visible")
+    name = f"{args.env}__{dataset_slug(args.dataset)}__{script}__seed{args.seed}__{int(time.time())}"
+    return torch.device(device), args.run_dir or os.path.join("runs", name)
+
+
+def rng_state(env: gym.Env | None = None) -> dict:  # with an env also its MuJoCo state, RNG, steps into the episode
+    kind, key, *rest = np.random.get_state()  # the key as a list: torch.load(weights_only=True) refuses numpy
+    state = {"python": random.getstate(), "numpy": (kind, key.tolist(), *rest), "torch": torch.get_rng_state()}
+    state["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    if env is not None:
+        state["mujoco"] = torch.empty(mujoco.mj_stateSize(env.unwrapped.model, INTEGRATION), dtype=torch.float64)
+        mujoco.mj_getState(env.unwrapped.model, env.unwrapped.data, state["mujoco"].numpy(), INTEGRATION)
+        state.update(elapsed_steps=env._elapsed_steps, env_rng=env.unwrapped.np_random.bit_generator.state)
+    return state
+
+
+def set_rng_state(state: dict, env: gym.Env | None = None) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])  # its key: a list (a tensor in older checkpoints)
+    torch.set_rng_state(state["torch"])
+    torch.cuda.set_rng_state_all(state["cuda"] if torch.cuda.is_available() else [])
+    if env is not None:
+        mujoco.mj_setState(env.unwrapped.model, env.unwrapped.data, state["mujoco"].numpy(), INTEGRATION)
+        env._elapsed_steps = state["elapsed_steps"]
+        env.unwrapped.np_random.bit_generator.state = state["env_rng"]
+
+
+class Logger:  # the run directory's args.json, evals.csv, train.csv, tensorboard events and (--track) wandb run
     def __init__(self, args, run_dir: str, script: str):
-        from torch.utils.tensorboard import SummaryWriter
-
-        os.makedirs(run_dir, exist_ok=True)
+        self.start = time.time()
+        self.writer = SummaryWriter(run_dir)  # makes the run directory
         with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=2)
-        self.run_dir = run_dir
-        self.csv_path = os.path.join(run_dir, "evals.csv")
-        if not os.path.exists(self.csv_path):
-            with open(self.csv_path, "w") as f:
-                f.write(",".join(EVAL_COLUMNS) + "\n")
-        self.writer = SummaryWriter(run_dir)
+            json.dump(vars(args), f, indent=2)
         self.wandb = None
         if args.track:
             import wandb
 
-            self.wandb = wandb.init(
-                project=args.wandb_project,
-                config=dataclasses.asdict(args),
-                name=os.path.basename(run_dir),
-                dir=run_dir,
-                resume="allow",
-                id=f"{script}-{os.path.basename(run_dir)}".replace("/", "_")[-128:],
-            )
-        self.start = time.time()
+            name = os.path.basename(run_dir)  # the id below: the same wandb run again on --resume
+            kwargs = dict(project=args.wandb_project, config=vars(args), dir=run_dir, resume="allow", name=name)
+            self.wandb = wandb.init(id=f"{script}-{name}"[-128:], **kwargs)
 
-    def scalars(self, metrics: dict, step: int) -> None:
-        """metrics: name -> float or 0-d tensor (converted here, once per log interval)."""
-        vals = {k: float(v) for k, v in metrics.items()}
-        for k, v in vals.items():
+    def scalars(self, metrics: dict, step: int) -> None:  # values: numbers or 0-d tensors (read here: a host sync)
+        values = {k: float(v) for k, v in metrics.items()}
+        for k, v in values.items():
             self.writer.add_scalar(k, v, step)
         if self.wandb is not None:
-            self.wandb.log(vals, step=step)
+            self.wandb.log(values, step=step)
 
-    def eval_row(self, phase: str, updates: int, env_steps: int, policy: str, returns, env: str, step: int) -> float:
-        r = np.asarray(returns, dtype=np.float64)
-        score = float(normalized_score(env, r.mean()))
-        row = (
-            phase,
-            updates,
-            env_steps,
-            policy,
-            f"{r.mean():.3f}",
-            f"{r.std():.3f}",
-            f"{score:.3f}",
-            f"{time.time() - self.start:.1f}",
-        )
-        with open(self.csv_path, "a") as f:
-            f.write(",".join(str(x) for x in row) + "\n")
-        self.scalars(
-            {f"{phase}/eval_{policy}/return": r.mean(), f"{phase}/eval_{policy}/normalized_score": score}, step
-        )
-        return score
-
-    def train_row(self, row: dict) -> None:
-        """One row of train.csv (the header is written with the first row)."""
-        path = os.path.join(self.run_dir, "train.csv")
-        new = not os.path.exists(path) or os.path.getsize(path) == 0
+    def csv_row(self, name: str, row: dict) -> None:  # a row of <run dir>/<name>, after the header in a new file
+        path = os.path.join(self.writer.log_dir, name)  # the run directory
         with open(path, "a") as f:
-            if new:
+            if os.path.getsize(path) == 0:
                 f.write(",".join(row) + "\n")
             f.write(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row.values()) + "\n")
+
+    def eval_row(self, phase: str, updates: int, env_steps: int, policy: str, returns, env: str, step: int) -> float:
+        score = float(normalized_score(env, np.mean(returns)))
+        stats = (f"{np.mean(returns):.3f}", f"{np.std(returns):.3f}", f"{score:.3f}", f"{time.time() - self.start:.1f}")
+        self.csv_row("evals.csv", dict(zip(EVAL_COLUMNS, (phase, updates, env_steps, policy, *stats))))
+        tag = f"{phase}/eval_{policy}"
+        self.scalars({f"{tag}/return": np.mean(returns), f"{tag}/normalized_score": score}, step)
+        return score
 
     def close(self) -> None:
         self.writer.close()
@@ -574,284 +528,53 @@ class Logger:
             self.wandb.finish()
 
 
-def default_run_dir(args, script: str) -> str:
-    return os.path.join(
-        "runs", f"{args.env}__{dataset_slug(args.dataset)}__{script}__seed{args.seed}__{int(time.time())}"
-    )
-
-
-def save_checkpoint(obj: dict, path: str) -> None:
-    """Atomic: write a temp file beside `path`, then rename over it."""
+def save_checkpoint(obj: dict, path: str) -> None:  # atomic: a temp file beside `path`, renamed over it
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    torch.save(obj, f"{path}.tmp{os.getpid()}")
+    os.replace(f"{path}.tmp{os.getpid()}", path)
 
 
-def load_checkpoint(path: str, make_cmd: str) -> dict:
-    """torch.load(weights_only=True) with one-line errors for missing or corrupt files."""
+def load_checkpoint(path: str, make_cmd: str):
     if not os.path.exists(path):
         raise InputError(f"no checkpoint {path}; make it with: {make_cmd}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise InputError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:200]})") from e
+        raise InputError(f"{path} is not a readable checkpoint ({first_line(e)[:200]})") from e
 
 
-def evaluate(env_name: str, act_fn, episodes: int, seed: int) -> np.ndarray:
-    """Returns of `episodes` deterministic episodes; act_fn maps an obs batch [n, obs] -> actions."""
-    envs = gym.vector.SyncVectorEnv(
-        [lambda: gym.make(ENVS[env_name]) for _ in range(episodes)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
-    )
+def resume_run(args, fmt: str, keep: tuple) -> tuple:  # -> (the run's Args but `keep` as given, its checkpoint)
+    path = os.path.join(args.run_dir, "checkpoint.pt")
+    if not args.run_dir or not os.path.exists(path):
+        raise InputError(f"--resume needs --run-dir <a run dir holding checkpoint.pt> (got {args.run_dir!r})")
+    ckpt = load_checkpoint(path, "")
+    got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+    if got != fmt or not isinstance(ckpt.get("args"), dict) or "rng" not in ckpt:
+        raise InputError(f"{path} is not an {fmt} checkpoint of a run (format {got!r}); it cannot be resumed")
+    saved = {k: v for k, v in ckpt["args"].items() if hasattr(args, k) and k not in keep}
+    return dataclasses.replace(args, **saved), ckpt
+
+
+def evaluate(env: str, act_fn, episodes: int, seed: int) -> np.ndarray:  # episodes side by side -> their returns
+    envs = gym.make_vec(ENVS[env], episodes, vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP})
     obs, _ = envs.reset(seed=seed)
-    returns, done = np.zeros(episodes), np.zeros(episodes, dtype=bool)
+    returns = np.zeros(episodes)
+    done = np.zeros(episodes, dtype=bool)
     while not done.all():
-        obs, r, term, trunc, _ = envs.step(act_fn(obs))
-        returns += r * ~done
-        done |= term | trunc
+        obs, reward, terminated, truncated, _ = envs.step(act_fn(obs))
+        returns += reward * ~done
+        done |= terminated | truncated
     envs.close()
     return returns
 
 
-def eval_seed(seed: int, k: int) -> int:
-    """Reset seed of the k-th evaluation of a run (k = 0, 1, ...): each evaluation starts from new states."""
+def eval_seed(seed: int, k: int) -> int:  # reset seed of the k-th evaluation of a run: new start states each time
     return seed + 10_000 + 1_000 * k
 
 
-def trim_rows(csv_path: str, column: str, last: int) -> None:
-    """On resume, drop the rows of a csv file written after the checkpoint (column > last): they are redone."""
-    if os.path.exists(csv_path):
-        lines = open(csv_path).read().splitlines()
-        col = lines[0].split(",").index(column) if lines else 0
-        with open(csv_path, "w") as f:
-            f.write("\n".join(lines[:1] + [ln for ln in lines[1:] if int(ln.split(",")[col]) <= last]) + "\n")
-
-
-def run_main(main_fn) -> None:
-    """CLI entry: parse Args with tyro, turn InputError into one line on stderr and exit 2."""
+if __name__ == "__main__":
     try:
-        main_fn(tyro.cli(Args))
+        main(tyro.cli(Args))
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-
-
-# =====================================================================================
-
-
-# =====================================================================================
-# The loop: the policy for rollouts, env state for exact resume, training.
-# =====================================================================================
-def policy_fn(actor: Actor, device: torch.device, deterministic: bool = True):
-    """obs batch (numpy) -> action batch (numpy), for `evaluate` and dataset rollouts."""
-
-    @torch.no_grad()
-    def act(obs):
-        return actor.act(torch.as_tensor(obs, dtype=torch.float32, device=device), deterministic).cpu().numpy()
-
-    return act
-
-
-def time_limit(env: gym.Env) -> gym.wrappers.TimeLimit:
-    while not isinstance(env, gym.wrappers.TimeLimit):
-        env = env.env
-    return env
-
-
-def get_env_state(env: gym.Env) -> dict:
-    """Everything that decides the env's future: full MuJoCo integration state (incl. solver warm
-    start, so a resumed run is bit-identical), steps into the episode and the env's RNG."""
-    u, spec = env.unwrapped, mujoco.mjtState.mjSTATE_INTEGRATION
-    mj = np.empty(mujoco.mj_stateSize(u.model, spec))
-    mujoco.mj_getState(u.model, u.data, mj, spec)
-    return {
-        "mujoco": torch.from_numpy(mj),
-        "elapsed_steps": time_limit(env)._elapsed_steps,
-        "np_random": u.np_random.bit_generator.state,
-    }
-
-
-def set_env_state(env: gym.Env, s: dict) -> None:
-    u = env.unwrapped
-    mujoco.mj_setState(u.model, u.data, s["mujoco"].numpy(), mujoco.mjtState.mjSTATE_INTEGRATION)
-    mujoco.mj_forward(u.model, u.data)
-    time_limit(env)._elapsed_steps = s["elapsed_steps"]
-    u.np_random.bit_generator.state = s["np_random"]
-
-
-class StatMeans:
-    """Sums of the updates' statistics, kept as device tensors until `pop`: one host sync per log."""
-
-    def __init__(self):
-        self.sums = {}
-        self.count = 0
-
-    def add(self, stats: dict) -> None:
-        for key, value in stats.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
-        self.count += 1
-
-    def pop(self) -> dict:
-        """The means since the last pop, as floats; then start over."""
-        means = {key: float(total) / self.count for key, total in self.sums.items()}
-        self.sums = {}
-        self.count = 0
-        return means
-
-
-@dataclass
-class Progress:
-    """What `train` yields after every evaluation."""
-
-    env_steps: int
-    updates: int
-    eval_returns: np.ndarray
-    learner: Learner
-    buffer: ReplayBuffer
-    run_dir: str
-
-
-def train(args: Args):
-    """Generator: trains SAC online, yields a `Progress` after every evaluation (the first at 0 env steps,
-    before any transition). Stopping it early (break / close) writes a checkpoint first, so `--resume`
-    continues from there."""
-    env_id = check_env(args.env)
-    for name in ("online_steps", "epoch_steps", "eval_every", "eval_episodes", "checkpoint_every", "batch_size"):
-        if getattr(args, name) <= 0:
-            raise InputError(f"--{name.replace('_', '-')} must be positive")
-    if args.resume and not args.run_dir:
-        raise InputError("--resume needs --run-dir <the run directory to continue>")
-    device = pick_device(args.device)
-    run_dir = args.run_dir or default_run_dir(args, "sac")
-    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
-    seed_everything(args.seed)
-    env = gym.make(env_id)
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    low, high = env.action_space.low, env.action_space.high
-    learner = make_learner(obs_dim, act_dim, args.hidden, args.lr, device)
-    buf = ReplayBuffer(args.buffer_size, obs_dim, act_dim)
-    obs, _ = env.reset(seed=args.seed)
-    counters, ep_ret, ep_len = {"env_steps": 0, "updates": 0, "evals": 0}, 0.0, 0
-    if args.resume:
-        ck = load_checkpoint(ckpt_path, f"python baselines/sac.py --env {args.env} --run-dir {run_dir}")
-        if ck.get("format") != CKPT_FORMAT:
-            raise InputError(
-                f"{ckpt_path} is not an {CKPT_FORMAT} checkpoint (older versions cannot be resumed; "
-                "start a new --run-dir)"
-            )
-        if (ck["obs_dim"], ck["act_dim"], ck["actor"]["mu.weight"].shape[1]) != (obs_dim, act_dim, args.hidden):
-            raise InputError(
-                f"{ckpt_path} was made for another env or --hidden (obs {ck['obs_dim']}, "
-                f"act {ck['act_dim']}); use the same --env and --hidden"
-            )
-        load_learner_state(learner, ck)
-        buf.load_state_dict(ck["buffer"])
-        counters = {k: ck[k] for k in counters}
-        set_env_state(env, ck["env_state"])
-        obs, ep_ret, ep_len = ck["env_state"]["obs"].numpy(), ck["env_state"]["ep_return"], ck["env_state"]["ep_length"]
-        set_rng_state(ck["rng"])
-        for name in ("evals.csv", "train.csv"):
-            trim_rows(os.path.join(run_dir, name), "env_steps", counters["env_steps"])
-    logger = Logger(args, run_dir, "sac")
-    print(
-        f"run dir: {run_dir}\ncheckpoint: {ckpt_path}"
-        + (f" (resumed at {counters['env_steps']} env steps)" if args.resume else "")
-    )
-
-    def eval_progress() -> Progress:  # deterministic policy tanh(mean), D4RL normalized score, new start states
-        seed = eval_seed(args.seed, counters["evals"])
-        returns = evaluate(args.env, policy_fn(learner.actor, device), args.eval_episodes, seed)
-        counters["evals"] += 1
-        score = logger.eval_row(
-            "online", counters["updates"], counters["env_steps"], "policy", returns, args.env, counters["env_steps"]
-        )
-        pbar.set_postfix(ret=f"{returns.mean():.0f}", score=f"{score:.1f}")
-        return Progress(counters["env_steps"], counters["updates"], returns, learner, buf, run_dir)
-
-    def save():
-        save_checkpoint(
-            {
-                "format": CKPT_FORMAT,
-                "args": dataclasses.asdict(args),
-                "obs_dim": obs_dim,
-                "act_dim": act_dim,
-                **learner_state(learner),
-                "buffer": buf.state_dict(),
-                **counters,
-                "env_state": {
-                    **get_env_state(env),
-                    "obs": torch.from_numpy(np.array(obs)),
-                    "ep_return": ep_ret,
-                    "ep_length": ep_len,
-                },
-                "rng": rng_state(),
-            },
-            ckpt_path,
-        )
-
-    pbar = tqdm(
-        total=args.online_steps, initial=counters["env_steps"], desc="sac env steps", mininterval=5, disable=None
-    )
-    stat_means = StatMeans()
-    try:
-        if counters["evals"] == 0:  # the untrained policy, before any env step
-            yield eval_progress()
-        while counters["env_steps"] < args.online_steps:
-            start = counters["env_steps"]
-            n = min(args.epoch_steps, args.online_steps - start)
-            for _ in range(n):  # collect one epoch of experience
-                if counters["env_steps"] < args.learning_starts:
-                    act = np.random.uniform(low, high).astype(np.float32)
-                else:
-                    with torch.no_grad():
-                        o = torch.as_tensor(obs, dtype=torch.float32, device=device)
-                        act = learner.actor.act(o, False).cpu().numpy()
-                next_obs, rew, term, trunc, _ = env.step(act)
-                buf.add(
-                    observations=obs,
-                    actions=act,
-                    rewards=rew,
-                    next_observations=next_obs,
-                    terminations=term,
-                    truncations=trunc,
-                )
-                counters["env_steps"] += 1
-                obs, ep_ret, ep_len = next_obs, ep_ret + float(rew), ep_len + 1
-                if term or trunc:
-                    logger.scalars(
-                        {"online/episodic_return": ep_ret, "online/episodic_length": ep_len}, counters["env_steps"]
-                    )
-                    (obs, _), ep_ret, ep_len = env.reset(), 0.0, 0
-            pbar.update(n)
-            if counters["env_steps"] >= args.learning_starts:  # then as many updates as env steps
-                for _ in range(n):
-                    stat_means.add(sac_update(learner, buf.sample(args.batch_size, device), args.gamma, args.tau))
-                    counters["updates"] += 1
-                means = stat_means.pop()  # the epoch's means: one host sync per epoch
-                logger.scalars({f"online/{k}": v for k, v in means.items()}, counters["env_steps"])
-                logger.train_row({"env_steps": counters["env_steps"], "updates": counters["updates"], **means})
-            done = counters["env_steps"] >= args.online_steps
-            if done or counters["env_steps"] // args.eval_every > start // args.eval_every:
-                yield eval_progress()
-            if done or counters["env_steps"] // args.checkpoint_every > start // args.checkpoint_every:
-                save()
-    except GeneratorExit:  # the caller stopped early (at a yield, so the state is consistent)
-        save()
-        raise
-    finally:
-        pbar.close()
-        logger.close()
-        env.close()
-    print(
-        f"done: {counters['env_steps']} env steps, {counters['updates']} updates\n"
-        f"run dir: {run_dir}\ncheckpoint: {ckpt_path}"
-    )
-
-
-def main(args: Args) -> None:
-    for _ in train(args):
-        pass
-
-
-if __name__ == "__main__":
-    run_main(main)

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -71,7 +72,7 @@ def test_awac_losses_take_the_advantage_against_a_sampled_action():
     actor = awac.Actor(obs_dim, act_dim, hidden=8, layers=1)
     with torch.no_grad():  # sigma ~ 1 (log sigma ~ 0, the top of [-6, 0]): samples far from the mean
         actor.log_std_logit.fill_(20.0)
-    learner = awac.Learner(actor, ActionQ(), ActionQ(), None)
+    learner = SimpleNamespace(actor=actor, critic=ActionQ(), critic_target=ActionQ())
     s, s2 = torch.randn(b, obs_dim), torch.randn(b, obs_dim)
     a = torch.rand(b, act_dim) * 2 - 1
     batch = (s, a, torch.zeros(b), s2, torch.zeros(b))
@@ -125,9 +126,9 @@ def test_bcq_perturbation_stays_within_phi_and_bounds():
     assert gap.max() <= phi + 1e-6
     assert gap.max() > 0.9 * phi  # not vacuous: the bound is reached
     # the policy (best of n perturbed VAE actions) inherits both properties
-    critic = bcq_ft.TwinQ(obs_dim, act_dim)
-    learner = bcq_ft.Learner(vae, actor, None, critic, None, None, None, None)
-    out = bcq_ft.act(learner, s[:64].numpy(), 100, True)
+    critic = bcq_ft.TwinQ(obs_dim, act_dim, (400, 300))
+    learner = SimpleNamespace(vae=vae, actor=actor, critic=critic, select_samples=100, device=torch.device("cpu"))
+    out = bcq_ft.act(learner, s[:64].numpy(), True)
     assert out.shape == (64, act_dim) and np.abs(out).max() <= 1
 
 
@@ -161,7 +162,7 @@ def test_bcq_target_soft_clipped_double_q():
         def decode(self, s):
             return torch.tensor([[-0.5], [0.1], [0.4]]).repeat(len(s) // 3, 1)
 
-    learner = bcq_ft.Learner(FixedVAE(), None, lambda s, a: a, None, FixedQ(), None, None, None)
+    learner = SimpleNamespace(vae=FixedVAE(), actor_target=lambda s, a: a, critic_target=FixedQ())
     r, d = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0])
     y = bcq_ft.bcq_target(learner, r, torch.zeros(2, 3), d, gamma=0.9, lam=0.75, n=3)
     # best action 0.4: min 0.4, max 0.8 -> 0.75*0.4 + 0.25*0.8 = 0.5; y = 1 + 0.9*0.5, and 2 (terminal)
@@ -171,7 +172,7 @@ def test_bcq_target_soft_clipped_double_q():
 def tiny_bcq(obs_dim=5, act_dim=2, seed=0):
     torch.manual_seed(seed)
     args = bcq_ft.Args(vae_hidden=16, lr=1e-3)
-    return bcq_ft.make_learner(obs_dim, act_dim, args, torch.device("cpu"))
+    return bcq_ft.Learner(args, obs_dim, act_dim, torch.device("cpu"))
 
 
 def decoder_batches(learner):
@@ -184,8 +185,8 @@ def decoder_batches(learner):
 def test_bcq_acts_on_100_candidates_and_targets_10():
     learner = tiny_bcq()
     sizes = decoder_batches(learner)
-    bcq_ft.act(learner, np.zeros((3, 5), np.float32), bcq_ft.Args().select_samples, False)
-    assert sizes == [3 * 100]  # BCQ.py select_action: 100 candidates per state
+    bcq_ft.act(learner, np.zeros((3, 5), np.float32), False)
+    assert sizes == [3 * 100] and learner.select_samples == 100  # BCQ.py select_action: 100 candidates per state
     sizes.clear()
     rows = np.random.default_rng(0).normal(size=(50, 5 + 2 + 1 + 5 + 1)).astype(np.float32)
     data = {
@@ -196,7 +197,7 @@ def test_bcq_acts_on_100_candidates_and_targets_10():
         "terminals": np.zeros(50, np.float32),
     }
     args = bcq_ft.Args(batch_size=16)
-    bcq_ft.train_step(learner, bcq_ft.Replay(data, 0), args)
+    bcq_ft.update(learner, bcq_ft.UniformReplay(data, 0), args, "online")
     # VAE fit on the batch, the target's 10 next actions per row, the perturbation net's VAE actions
     assert sizes == [16, 16 * args.target_samples, 16] and args.target_samples == 10
 
@@ -214,18 +215,18 @@ def test_bcq_policy_picks_the_best_of_its_candidates():
             return torch.stack([first, torch.zeros_like(first)], 1)
 
     class PreferQ(torch.nn.Module):
-        weights = [torch.zeros(1)]  # the device act() reads
-
         def forward(self, s, a):
             q1 = -(a[:, 0] - 0.3).pow(2)
             return torch.stack([q1, -q1])
 
-    learner = bcq_ft.Learner(SpreadVAE(), lambda s, a: a, None, PreferQ(), None, None, None, None)
+    learner = SimpleNamespace(vae=SpreadVAE(), actor=lambda s, a: a, critic=PreferQ(), device=torch.device("cpu"))
     for n, tolerance in ((100, 1 / 99), (10, 1 / 9)):
-        a = bcq_ft.act(learner, np.zeros((2, 4), np.float32), n, True)
+        learner.select_samples = n
+        a = bcq_ft.act(learner, np.zeros((2, 4), np.float32), True)
         best = np.linspace(-1, 1, n)[np.abs(np.linspace(-1, 1, n) - 0.3).argmin()]
         assert np.allclose(a[:, 0], best) and abs(best - 0.3) <= tolerance
-    assert abs(bcq_ft.act(learner, np.zeros((2, 4), np.float32), 100, False)[0, 0] - 0.3) < 0.011
+    learner.select_samples = 100
+    assert abs(bcq_ft.act(learner, np.zeros((2, 4), np.float32), False)[0, 0] - 0.3) < 0.011
 
 
 def test_bcq_deterministic_flag():
@@ -234,18 +235,18 @@ def test_bcq_deterministic_flag():
     learner = tiny_bcq()
     obs = np.random.default_rng(1).normal(size=(4, 5)).astype(np.float32)
     torch.manual_seed(0)
-    first = bcq_ft.act(learner, obs, 100, True)
+    first = bcq_ft.act(learner, obs, True)
     rng_after = torch.get_rng_state()
     torch.manual_seed(123)
-    again = bcq_ft.act(learner, obs, 100, True)
+    again = bcq_ft.act(learner, obs, True)
     assert np.array_equal(first, again)
-    assert np.array_equal(bcq_ft.act(learner, obs[2:3], 100, True), first[2:3])  # batch-independent
+    assert np.array_equal(bcq_ft.act(learner, obs[2:3], True), first[2:3])  # batch-independent
     torch.manual_seed(0)
     torch.rand(1)
     assert not torch.equal(torch.get_rng_state(), rng_after)  # (sanity: a draw moves the state)
     torch.manual_seed(0)
     assert torch.equal(torch.get_rng_state(), rng_after)  # act(..., True) drew nothing from it
-    explore = [bcq_ft.act(learner, obs, 100, False) for _ in range(2)]
+    explore = [bcq_ft.act(learner, obs, False) for _ in range(2)]
     assert not np.array_equal(explore[0], explore[1])
 
 
@@ -261,7 +262,7 @@ def test_replay_samples_both_sources_in_proportion(mod):
         "next_observations": rng.normal(size=(m, obs_dim)).astype(np.float32),
         "terminals": np.zeros(m, np.float32),
     }
-    buf = mod.Replay(data, online_capacity=2 * n_on)
+    buf = mod.UniformReplay(data, online_capacity=2 * n_on)
     np.random.seed(0)
     assert (buf.sample(1000, torch.device("cpu"))[2] == -1).all()  # offline only before any online row
     online = np.concatenate(
@@ -355,7 +356,7 @@ def test_tiny_end_to_end_run(mod, tiny_dataset, tmp_path, capsys):
     ]
     assert all(np.isfinite(float(r[6])) for r in rows)
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    assert ck["format"] == mod.CKPT_FORMAT and ck["updates"] == 64 and ck["env_steps"] == 40
+    assert ck["format"] == mod.FORMAT and ck["updates"] == 64 and ck["env_steps"] == 40
     assert ck["online"].shape[0] == 40  # every online transition, for an exact resume
     assert ck["evals"] == 5
     # train.csv: one row per online epoch, the epoch's means; none for the offline phase
@@ -456,6 +457,6 @@ def test_bad_input_is_one_clear_error(mod, tmp_path):
         mod.main(mod.Args(env="walker2d", dataset="expert", run_dir=str(tmp_path / "y")))
     old = tmp_path / "old"  # a run of the previous checkpoint layout
     old.mkdir()
-    torch.save({"format": mod.CKPT_FORMAT[:-1] + "1", "env_steps": 0}, old / "checkpoint.pt")
-    with pytest.raises(mod.InputError, match="older versions cannot be resumed; start a new --run-dir"):
+    torch.save({"format": mod.FORMAT[:-1] + "2", "env_steps": 0}, old / "checkpoint.pt")
+    with pytest.raises(mod.InputError, match=r"is not an off2on-\S+/3 checkpoint of a run .*; it cannot be resumed"):
         mod.main(mod.Args(resume=True, run_dir=str(old)))

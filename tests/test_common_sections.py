@@ -1,14 +1,13 @@
 """Every algorithm script stands alone (CleanRL style: no imports between them), so the code they share is copied.
 These tests keep the copies identical.
 
-Scripts with the plumbing block (the banner PLUMBING below, after `main`, at the end of the file): a top-level
-definition (function, class or constant) that appears in more than one of them has the same source in all of them,
-unless DIFFERENT_ON_PURPOSE names it with its reason. This covers the plumbing block and the ensemble networks
-that off2on_cql_ensemble.py hands to off2on_finetune.py. A script may leave out a definition it does not use.
-
-Scripts without the plumbing block (baselines still on the earlier layout) are checked the earlier way: their
-sections "Data: env table..." and "Run directory, logging..." are identical among them. Once every script carries
-the block, only the first check remains.
+Every script carries the plumbing block (the banner PLUMBING below, after `main`, at the end of the file). A
+top-level definition (function, class or constant) that appears in more than one script has the same source in all
+of them, unless DIFFERENT_ON_PURPOSE names it with its reason; SAME_WITHIN then names the groups of scripts in which
+such a name is still one identical copy (the fine-tuning baselines' loop, the SAC of sac.py and sac_ft.py, the
+ensemble scripts' mlp). This
+covers the plumbing block, the ensemble networks that off2on_cql_ensemble.py hands to off2on_finetune.py, the
+baselines' uniform replay and their logging helpers. A script may leave out a definition it does not use.
 """
 
 import ast
@@ -31,6 +30,27 @@ DIFFERENT_ON_PURPOSE = {
     "checkpoint_dict": "each script saves its own training state",
     "restore_checkpoint": "each script restores its own training state",
     "update": "each algorithm's own gradient step",
+    "Learner": "each algorithm's own networks and optimizers",
+    "act": "each algorithm's own policy",
+    "explore": "acts with each algorithm's own policy (sac.py: random actions first, into its own replay)",
+    "evaluate_policy": "evaluates each algorithm's own policy (the fine-tuning baselines: in both phases)",
+    "TRAIN_COLUMNS": "each algorithm's own training statistics",
+    "sac_losses": "one SAC agent's losses (baselines) or the ensemble's (off2on_finetune.py)",
+    "Actor": "SAC's tanh-Gaussian policy; AWAC's Gaussian with a state-independent sigma",
+    "TwinQ": "AWAC's is initialized as rlkit's Mlp, the others as nn.Linear",
+    "log_epoch": "the baselines average a list of the updates' statistics, off2on_finetune.py their sums on the device",
+    "mlp": "one MLP of nn.Linear layers (bcq_ft.py) or n independent MLPs of VectorizedLinear (the ensemble scripts)",
+}
+FINE_TUNING = ("baselines/sac_ft.py", "baselines/awac.py", "baselines/bcq_ft.py")  # offline, then online, one loop
+SAC = ("baselines/sac.py", "baselines/sac_ft.py")  # one SAC, from scratch and fine-tuned
+ENSEMBLE = ("off2on_cql_ensemble.py", "off2on_finetune.py")  # the ensemble networks, handed from one to the other
+SAME_WITHIN = {
+    **{name: FINE_TUNING for name in ("main", "check_args", "checkpoint_dict", "restore_checkpoint")},
+    **{name: FINE_TUNING for name in ("explore", "evaluate_policy")},
+    **{name: SAC for name in ("Actor", "Learner", "sac_losses", "act", "TRAIN_COLUMNS")},
+    "TwinQ": (*SAC, "baselines/bcq_ft.py"),
+    "log_epoch": ("baselines/sac.py", *FINE_TUNING),
+    "mlp": ENSEMBLE,
 }
 ENSEMBLE_NETWORKS = ("VectorizedLinear", "mlp", "EnsembleActor", "EnsembleCritic", "LOG_STD_MIN", "LOG_STD_MAX")
 
@@ -41,10 +61,6 @@ def rel(path: str) -> str:
 
 def has_block(path: str) -> bool:
     return PLUMBING in open(path).read().splitlines()
-
-
-NEW = [s for s in SCRIPTS if has_block(s)]
-OLD = [s for s in SCRIPTS if not has_block(s)]
 
 
 def definitions(path: str) -> dict:
@@ -68,11 +84,12 @@ def definitions(path: str) -> dict:
     return found
 
 
-def test_the_core_scripts_carry_the_plumbing_block():
-    assert {rel(s) for s in NEW} >= {"off2on_cql_ensemble.py", "off2on_finetune.py"}
+@pytest.mark.parametrize("path", SCRIPTS, ids=rel)
+def test_every_script_carries_the_plumbing_block(path):
+    assert has_block(path), f"{rel(path)} lacks the banner {PLUMBING!r}"
 
 
-@pytest.mark.parametrize("path", NEW, ids=rel)
+@pytest.mark.parametrize("path", SCRIPTS, ids=rel)
 def test_plumbing_block_comes_last(path):
     """The order of the file: ... main, then the plumbing block, then only the `__main__` guard."""
     lines = open(path).read().splitlines()
@@ -86,7 +103,7 @@ def test_plumbing_block_comes_last(path):
 
 
 def test_shared_definitions_are_identical():
-    sources = {path: definitions(path) for path in NEW}
+    sources = {path: definitions(path) for path in SCRIPTS}
     assert len(sources) >= 2
     shared = {}
     for path, defs in sources.items():
@@ -103,11 +120,11 @@ def test_shared_definitions_are_identical():
 
 def test_different_on_purpose_lists_only_shared_names():
     counts = {}
-    for path in NEW:
+    for path in SCRIPTS:
         for name in definitions(path):
             counts[name] = counts.get(name, 0) + 1
     stale = [name for name in DIFFERENT_ON_PURPOSE if counts.get(name, 0) < 2]
-    assert not stale, f"listed but defined in fewer than two scripts with the plumbing block: {stale}"
+    assert not stale, f"listed but defined in fewer than two scripts: {stale}"
 
 
 def test_the_plumbing_banner_is_the_same_everywhere():
@@ -117,7 +134,7 @@ def test_the_plumbing_banner_is_the_same_everywhere():
         end = lines.index(SEP, start + 1)
         return lines[start : end + 1]
 
-    assert len({tuple(banner(p)) for p in NEW}) == 1
+    assert len({tuple(banner(p)) for p in SCRIPTS}) == 1
 
 
 def test_both_ensemble_scripts_define_the_networks_they_hand_over():
@@ -127,31 +144,16 @@ def test_both_ensemble_scripts_define_the_networks_they_hand_over():
         assert not missing, f"{rel(path)} lacks {missing}"
 
 
-# ----------------------------------------------------------------------------- scripts on the earlier layout
-def section(path: str, title: str) -> str:
-    lines = open(path).read().splitlines()
-    starts = [i for i, line in enumerate(lines) if line.startswith(f"# {title}")]
-    assert starts, f"{rel(path)} lacks the section '# {title}'"
-    start = starts[0]
-    # header: SEP, title, comment, SEP; the section's code runs to the next SEP after that
-    header_end = next(i for i in range(start + 1, len(lines)) if lines[i] == SEP)
-    end = next(i for i in range(header_end + 1, len(lines)) if lines[i] == SEP)
-    assert end - header_end > 10, f"section '# {title}' of {rel(path)} is empty"
-    return "\n".join(lines[start:end])
-
-
-@pytest.mark.skipif(len(OLD) < 2, reason="fewer than two scripts on the earlier layout")
-@pytest.mark.parametrize("title", ["Data: env table", "Run directory, logging"])
-def test_sections_of_the_earlier_layout_are_identical(title):
-    reference = section(OLD[0], title)
-    for path in OLD[1:]:
-        assert section(path, title) == reference, f"'{title}' section of {rel(path)} differs from {rel(OLD[0])}"
-
-
-def test_sac_update_identical():
-    """baselines/sac.py (from scratch) and baselines/sac_ft.py (fine-tuning) run the same SAC: actor, critics,
-    losses, the gradient step and the checkpoint layout are one copied section."""
-    paths = [os.path.join(ROOT, "baselines", f) for f in ("sac.py", "sac_ft.py")]
-    reference = section(paths[0], "SAC: tanh-Gaussian actor")
-    assert "def sac_update(" in reference and "def sac_losses(" in reference
-    assert section(paths[1], "SAC: tanh-Gaussian actor") == reference
+def test_definitions_are_identical_within_their_group():
+    """A name different on purpose across all scripts may still be one copy within a group: the three fine-tuning
+    baselines run one loop (main and its helpers), sac.py and sac_ft.py one SAC, and TwinQ is shared beyond them; the
+    baselines' log_epoch is one copy, and so is the ensemble scripts' mlp."""
+    differ = []
+    for name, group in SAME_WITHIN.items():
+        assert name in DIFFERENT_ON_PURPOSE, f"{name}: identical everywhere? then the first test covers it"
+        copies = {path: definitions(os.path.join(ROOT, path)).get(name) for path in group}
+        missing = [path for path, source in copies.items() if source is None]
+        assert not missing, f"{name} is not defined in {missing}"
+        if len(set(copies.values())) > 1:
+            differ.append(f"{name}: {', '.join(group)}")
+    assert not differ, "copies that differ within their group:\n" + "\n".join(differ)

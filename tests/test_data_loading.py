@@ -1,5 +1,5 @@
-"""Dataset loading, which every algorithm script carries (tested through baselines/sac.py's copy of the earlier
-layout and the plumbing block of the two core scripts; tests/test_common_sections.py checks the other copies are
+"""Dataset loading, which every algorithm script that reads a dataset carries in its plumbing block (tested through
+the copies of the two core scripts and baselines/sac_ft.py; tests/test_common_sections.py checks the other copies are
 identical): local Minari datasets, D4RL-layout hdf5 files, Minari ids that have to be downloaded, and one-line
 errors. No test reaches a real hub."""
 
@@ -16,9 +16,8 @@ import h5py
 import numpy as np
 import pytest
 from conftest import ROOT
-from test_common_sections import PLUMBING
 
-SCRIPTS = ["baselines.sac", "off2on_cql_ensemble", "off2on_finetune"]
+SCRIPTS = ["off2on_cql_ensemble", "off2on_finetune", "baselines.sac_ft"]
 
 
 @pytest.fixture(params=SCRIPTS)
@@ -85,13 +84,8 @@ def test_missing_local_dataset_names_the_make_command(script):
     )
 
 
-def carries_the_block(module: str) -> bool:
-    return PLUMBING in open(os.path.join(ROOT, *module.split(".")) + ".py").read().splitlines()
-
-
-# Minari ids that have to be downloaded: the one-line error of the plumbing block (scripts on the earlier layout
-# have their own download handling and are left out)
-HUB_SCRIPTS = [m for m in SCRIPTS if carries_the_block(m)]
+# Minari ids that have to be downloaded: the one-line error of the plumbing block
+HUB_SCRIPTS = SCRIPTS
 HUB_ERROR = "could not load Minari dataset {}: "
 HUB_FIX = "; check the network or HF_ENDPOINT/HF_HUB_OFFLINE, or use a kind made by make_dataset.py or a .hdf5 file"
 

@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT
 
 import make_dataset as md
-from baselines import sac
+from baselines import sac, sac_ft
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +69,7 @@ def test_end_to_end_tiny(tmp_path, capsys):
     assert sizes["medium-replay"] == snap["env_steps"]  # every transition SAC saw until the snapshot
     assert "medium snapshot at" in out and "normalized score" in out
     # the medium-replay dataset is exactly SAC's replay up to the snapshot
-    arr = sac.load_dataset("hopper", "medium-replay")
+    arr = sac_ft.load_dataset("hopper", "medium-replay")
     assert np.allclose(arr["observations"], snap["replay"]["observations"].numpy())
     assert np.array_equal(arr["terminals"], snap["replay"]["terminations"].numpy())
     assert pol["actors"].keys() == {"medium", "expert"}  # medium-expert keeps both behaviour policies
@@ -125,7 +125,7 @@ def test_hand_made_episodes_keep_terminations_and_truncations():
     assert [list(ep.truncations) for ep in eps] == [[0, 0, 0], [0, 1], [0, 1]]
     assert np.array_equal(eps[1].observations[:, 0], [3, 4, 5]) and list(rets) == [3, 2]
     md.write(md.Args(env="hopper"), "medium-replay", eps, {"medium": sac.Actor(11, 3, 8).state_dict()}, {}, "test")
-    arr = sac.load_dataset("hopper", "medium-replay")
+    arr = sac_ft.load_dataset("hopper", "medium-replay")
     assert np.array_equal(arr["terminals"], [0, 0, 1, 0, 0, 0, 0])
     assert np.array_equal(arr["next_observations"][:, 0], np.arange(1, n + 1))
 
@@ -166,7 +166,7 @@ def test_policy_rollouts_come_from_each_member_in_turn(tmp_path):
     per_member = [101, 100, 100]  # 301 steps over 3 members, in member order
     expected = np.repeat(np.tanh(const.numpy()), per_member)[:, None].repeat(act_dim, 1)
     assert np.allclose(actions, expected, atol=1e-6)
-    arr = sac.load_dataset("hopper", "policy-rollouts")  # a kind every script accepts as --dataset
+    arr = sac_ft.load_dataset("hopper", "policy-rollouts")  # a kind every script accepts as --dataset
     assert len(arr["rewards"]) == 301
     r = subprocess.run(
         [sys.executable, os.path.join(ROOT, "make_dataset.py"), "--kinds", "policy-rollouts"],

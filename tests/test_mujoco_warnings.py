@@ -1,5 +1,5 @@
-"""MuJoCo's warning filter in the data section every algorithm script carries (tested through baselines/sac.py's
-copy): gymnasium's half_cheetah.xml sets the deprecated compiler attribute settotalmass, and MuJoCo warns about it
+"""MuJoCo's warning filter in the plumbing block every algorithm script carries (tested through three of the copies):
+gymnasium's half_cheetah.xml sets the deprecated compiler attribute settotalmass, and MuJoCo warns about it
 at every compilation; importing a script drops exactly that message, while every other MuJoCo warning still
 reaches stderr."""
 

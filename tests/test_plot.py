@@ -187,6 +187,14 @@ def test_ablation_collects_runs_and_tabulates_known_means(tmp_path):
     assert again == table
 
 
+def test_ablation_table_of_one_seed_has_no_standard_error(tmp_path):
+    write_ablation_runs(tmp_path / "runs")
+    df = plot.collect_ablation(str(tmp_path / "runs"))
+    table = plot.ablation_table(df[df.seed == 0], ["balanced-N5"], 5000, [10_000, 25_000])
+    # seed 0 alone: start 40, worst in 1..5k 40 - 8 + 2 = 34, at 10k 50, at 25k 65; one seed has no s.e.
+    assert "| balanced-N5 | 1 | 40.0 | 34.0 | 50.0 | 65.0 |" in table
+
+
 def test_ablation_rejects_badly_named_run_folders(tmp_path):
     (tmp_path / "runs" / "balanced_seed0").mkdir(parents=True)
     (tmp_path / "runs" / "balanced_seed0" / "evals.csv").write_text("phase\n")

@@ -28,7 +28,7 @@ TINY = dict(
 
 def toy_learner(obs_dim=2, act_dim=1, hidden=32, lr=3e-3, alpha=None):
     torch.manual_seed(0)
-    learner = sac.make_learner(obs_dim, act_dim, hidden, lr, CPU)
+    learner = sac.Learner(sac.Args(hidden=hidden, lr=lr), obs_dim, act_dim, CPU)
     if alpha is not None:  # fixed temperature: the soft value equals the plain value when alpha ~ 0
         with torch.no_grad():
             learner.log_alpha.fill_(np.log(alpha))
@@ -126,8 +126,9 @@ def test_time_limit_is_a_truncation(tmp_path):
         online_steps=1100,
         run_dir=str(tmp_path / "run"),
     )
-    progress = list(sac.train(args))
-    assert [p.env_steps for p in progress] == [0, 1100]  # the untrained policy, then the end
+    progress = []
+    sac.main(args, after_eval=progress.append)  # called after every evaluation but the untrained policy's
+    assert [p.env_steps for p in progress] == [1100]
     p = progress[-1]
     tr, te = p.buffer.data["truncations"][:1100], p.buffer.data["terminations"][:1100]
     assert te.sum() == 0 and tr.sum() == 1 and tr[999] == 1
@@ -189,15 +190,15 @@ def test_evaluations_start_from_new_states_and_resume_keeps_the_sequence(tmp_pat
 def test_resume_errors_are_one_line(tmp_path):
     with pytest.raises(sac.InputError, match="--resume needs --run-dir"):
         sac.main(sac.Args(**TINY, online_steps=100, resume=True))
-    with pytest.raises(sac.InputError, match="no checkpoint .*make it with: python baselines/sac.py"):
+    with pytest.raises(sac.InputError, match="--resume needs --run-dir <a run dir holding checkpoint.pt>"):
         sac.main(sac.Args(**TINY, online_steps=100, resume=True, run_dir=str(tmp_path / "none")))
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(sac.InputError, match="not a readable checkpoint"):
         sac.main(sac.Args(**TINY, online_steps=100, resume=True, run_dir=str(tmp_path / "bad")))
     (tmp_path / "old").mkdir()  # a run of the previous checkpoint layout
-    torch.save({"format": "off2on-sac/1"}, tmp_path / "old" / "checkpoint.pt")
-    with pytest.raises(sac.InputError, match="older versions cannot be resumed"):
+    torch.save({"format": "off2on-sac/2"}, tmp_path / "old" / "checkpoint.pt")
+    with pytest.raises(sac.InputError, match="is not an off2on-sac/3 checkpoint of a run .*; it cannot be resumed"):
         sac.main(sac.Args(**TINY, online_steps=100, resume=True, run_dir=str(tmp_path / "old")))
 
 

@@ -53,6 +53,16 @@ TINY_FINETUNE = (
     *("--checkpoint", "{ensemble}", "--online-steps", "60", "--epoch-steps", "20", "--first-epoch-multiplier", "2"),
     *("--eval-every", "20", "--eval-episodes", "2", "--batch-size", "16"),
 )
+TINY_SAC = (
+    *("--env", "hopper", "--device", "cpu", "--seed", "1", "--online-steps", "300", "--learning-starts", "150"),
+    *("--epoch-steps", "100", "--eval-every", "100", "--eval-episodes", "2", "--checkpoint-every", "100"),
+    *("--batch-size", "16", "--hidden", "16"),
+)
+TINY_FINE_TUNING = (  # offline updates, then online epochs: the schedule shared by the fine-tuning baselines
+    *TINY_DATA,
+    *("--offline-updates", "20", "--eval-every", "10", "--log-every", "5", "--online-steps", "60"),
+    *("--epoch-steps", "20", "--first-epoch-multiplier", "2", "--eval-episodes", "2", "--batch-size", "16"),
+)
 CASES = {
     "off2on_cql_ensemble": Case(
         "off2on_cql_ensemble.py",
@@ -70,6 +80,30 @@ CASES = {
         (*TINY_FINETUNE, "--replay", "uniform", "--members", "1"),
         ("evals.csv", "train.csv"),
         weights=("actor", "critic", "critic_target", "log_alpha", "online", "priorities"),
+    ),
+    "sac": Case(
+        "baselines/sac.py",
+        TINY_SAC,
+        ("evals.csv", "train.csv"),
+        weights=("actor", "critic", "critic_target", "log_alpha", "buffer"),
+    ),
+    "sac_ft": Case(
+        "baselines/sac_ft.py",
+        (*TINY_FINE_TUNING, "--hidden", "16"),
+        ("evals.csv", "train.csv"),
+        weights=("actor", "critic", "critic_target", "log_alpha", "online"),
+    ),
+    "awac": Case(
+        "baselines/awac.py",
+        (*TINY_FINE_TUNING, "--hidden", "16", "--actor-layers", "2", "--offline-batch-size", "8"),
+        ("evals.csv", "train.csv"),
+        weights=("actor", "critic", "critic_target", "online"),
+    ),
+    "bcq_ft": Case(
+        "baselines/bcq_ft.py",
+        (*TINY_FINE_TUNING, "--vae-hidden", "16", "--target-samples", "4", "--select-samples", "6"),
+        ("evals.csv", "train.csv"),
+        weights=("vae", "actor", "actor_target", "critic", "critic_target", "online"),
     ),
 }
 
@@ -111,6 +145,8 @@ def weight_rows(path: str, keys: tuple) -> list:
     for key in keys:
         tensors = ckpt[key] if isinstance(ckpt[key], dict) else {"": ckpt[key]}
         for name, t in tensors.items():
+            if not (torch.is_tensor(t) and t.is_floating_point()):  # e.g. a buffer's write position
+                continue
             t = t.double()
             rows.append({"tensor": f"{key}.{name}".rstrip("."), "sum": f"{t.sum():.9g}", "norm": f"{t.norm():.9g}"})
     return rows
