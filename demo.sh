@@ -6,8 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 export MINARI_DATASETS_PATH="$PWD/demo/minari"
-# one torch thread unless told otherwise: at demo size a second thread gains little, and on a machine busy with
-# other jobs torch's threads wait for each other (updates measured 10-50x slower)
+# one torch thread unless told otherwise: on a machine busy with other jobs torch's threads wait for each other
+# (small updates measured 10-50x slower with two threads on a busy 2-core CPU)
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
 # (1) SAC until its policy reaches 6% of D4RL's expert return (full size: 1/3), everything it saw so far
