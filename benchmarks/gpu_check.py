@@ -1,7 +1,7 @@
 """One command, one report: what a CUDA GPU does with off2on's two updates.
 
     python3 benchmarks/gpu_check.py --out DIR                          # CUDA machine, paper size, <= 8 minutes
-    python3 benchmarks/gpu_check.py --out DIR --official ../shared/official-cql-checkpoints/halfcheetah-medium-v0
+    python3 benchmarks/gpu_check.py --out DIR --official <Off2OnRL>/rlkit/data/cql
     python3 benchmarks/gpu_check.py --device cpu --quick --out DIR     # every part at small size (a test runs it)
 
 Writes DIR/gpu_check.md (human-readable) and DIR/gpu_check.json, rewritten after every measurement, so a run
