@@ -275,7 +275,7 @@ def update(learner: Learner, replay: Replay, args: Args, loss_fn=sac_losses) -> 
         with torch.no_grad():  # priorities from the net before its step, as the authors' code
             prio = priorities(learner.ratio(rows[:, :sa]).squeeze(-1), w_off, args.temperature, *args.priority_clip)
         learner.ratio_opt.step()
-        replay.tree.update(idx, prio.cpu().numpy())
+        replay.tree.update(idx, prio := prio.cpu().numpy())  # the one transfer out per update, reused below
         replay.max_priority = max(replay.max_priority, float(prio.max()))  # running max, for new online rows
         stats.update(ratio_loss=loss.detach(), w_offline_mean=w_off.detach().mean(), w_online_mean=w_on.detach().mean())
     critic_loss, actor_loss, alpha_loss, sac_stats = loss_fn(learner, replay.split(rows), args.gamma)
